@@ -1,0 +1,54 @@
+"""Where medplan keeps its data.
+
+Three folders, as in nnU-Net, each settable by an environment variable. When unset they
+default to ``~/medplan_data/{raw,preprocessed,results}`` so a first try needs no setup.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+DEFAULT_ROOT = Path.home() / "medplan_data"
+
+_ENV = {
+    "raw": "MEDPLAN_RAW",
+    "preprocessed": "MEDPLAN_PREPROCESSED",
+    "results": "MEDPLAN_RESULTS",
+}
+
+
+def _folder(kind: str) -> Path:
+    value = os.environ.get(_ENV[kind])
+    return Path(value).expanduser() if value else DEFAULT_ROOT / kind
+
+
+def raw_root() -> Path:
+    """Root of converted datasets (``$MEDPLAN_RAW``)."""
+    return _folder("raw")
+
+
+def preprocessed_root() -> Path:
+    """Root of fingerprints, plans, splits and arrays (``$MEDPLAN_PREPROCESSED``)."""
+    return _folder("preprocessed")
+
+
+def results_root() -> Path:
+    """Root of training runs and reports (``$MEDPLAN_RESULTS``)."""
+    return _folder("results")
+
+
+def raw_dir(dataset: str) -> Path:
+    return raw_root() / dataset
+
+
+def preprocessed_dir(dataset: str) -> Path:
+    return preprocessed_root() / dataset
+
+
+def results_dir(dataset: str, arch: str | None = None, fold: int | str | None = None) -> Path:
+    path = results_root() / dataset
+    if arch is not None:
+        path = path / arch
+    if fold is not None:
+        path = path / f"fold_{fold}"
+    return path
