@@ -1,0 +1,18 @@
+"""Evaluation: the paper's metrics (:mod:`medplan.evaluation.metrics`), aggregation and reports."""
+from medplan.evaluation.metrics import (
+    MetricAccumulator,
+    confusion_counts,
+    logits_to_labels,
+    logits_to_probs,
+    summarize,
+    summary_dict,
+)
+
+__all__ = [
+    "MetricAccumulator",
+    "confusion_counts",
+    "logits_to_labels",
+    "logits_to_probs",
+    "summarize",
+    "summary_dict",
+]
