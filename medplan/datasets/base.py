@@ -1,0 +1,317 @@
+"""What every importer shares: the case record, label decoders, folder search, the registry.
+
+An importer only *finds* cases in an official download layout (``collect``); decoding,
+validation and writing the medplan raw format happen once, in :mod:`medplan.datasets.writer`,
+so every format gets the same checks and the same error messages.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+from PIL import Image
+
+from medplan.errors import MedplanError
+from medplan.io import case_stem, is_image_file, read_image
+
+# Folders that never belong to a download: our own import target and temporary folders.
+SKIP_DIR_NAMES = {"medplan", "__MACOSX", "__pycache__"}
+
+
+# ----------------------------------------------------------------------------- cases
+
+
+@dataclass
+class Case:
+    """One image and the label file(s) it is paired with, as found in the download."""
+
+    case_id: str
+    image: Path
+    labels: list[Path]
+    group: str | None = None  # patient id; None -> case_id
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Collected:
+    """What an importer found: the cases, the label decoder, and dataset.json facts."""
+
+    cases: list[Case]
+    decoder: "LabelDecoder"
+    labels: dict[str, int]
+    modality: str
+    source_format: str
+    root: Path  # the folder source paths in cases.csv are relative to
+    notes: list[str] = field(default_factory=list)
+
+
+# ----------------------------------------------------------------------------- label decoders
+# Module-level classes (not closures) so they pickle into worker processes.
+
+
+def _gray(array: np.ndarray) -> np.ndarray:
+    """Gray view of a mask: the mean of the colour channels when the file is RGB."""
+    if array.ndim == 3:
+        return array[..., :3].astype(np.float32).mean(axis=2)
+    return array
+
+
+def _as_integer_map(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.ndim == 3:
+        if array.shape[2] >= 3 and np.array_equal(array[..., 0], array[..., 1]) and np.array_equal(
+                array[..., 0], array[..., 2]):
+            array = array[..., 0]
+        else:
+            raise MedplanError("label map is a colour image; expected one channel of class indices", path)
+    if array.dtype.kind == "f":
+        rounded = np.rint(array)
+        if not np.array_equal(rounded, array):
+            raise MedplanError("label map holds non-integer values", path)
+        array = rounded
+    return array.astype(np.int64, copy=False)
+
+
+def _value_list(values: Iterable[int], limit: int = 8) -> str:
+    values = sorted(int(v) for v in values)
+    text = ", ".join(str(v) for v in values[:limit])
+    return text + (", ..." if len(values) > limit else "")
+
+
+class LabelDecoder:
+    """Turn the decoded label file(s) of one case into a uint8 class-index map."""
+
+    # palette PNGs hold class indices in their pixel values: read those, not the colours
+    palette_indices: bool = False
+
+    def decode(self, arrays: list[np.ndarray], paths: list[Path]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class IndexLabels(LabelDecoder):
+    """Pixel values already are class indices 0..K-1 (CAMUS ground truth, plain label maps)."""
+
+    palette_indices = True
+
+    def __init__(self, num_classes: int):
+        self.num_classes = num_classes
+
+    def decode(self, arrays: list[np.ndarray], paths: list[Path]) -> np.ndarray:
+        out = None
+        for array, path in zip(arrays, paths):
+            values = _as_integer_map(array, path)
+            bad = np.unique(values[(values < 0) | (values >= self.num_classes)])
+            if bad.size:
+                raise MedplanError(f"label values {_value_list(bad)} outside the declared classes "
+                                   f"0..{self.num_classes - 1}", path)
+            out = values if out is None else np.maximum(out, values)
+        return out.astype(np.uint8)
+
+
+class ValueMapLabels(LabelDecoder):
+    """Lossless masks whose values map to classes (ISIC 0/255 -> 0/1, ``--map`` of the folder format)."""
+
+    palette_indices = True
+
+    def __init__(self, mapping: dict[int, int]):
+        self.mapping = {int(k): int(v) for k, v in mapping.items()}
+
+    def decode(self, arrays: list[np.ndarray], paths: list[Path]) -> np.ndarray:
+        out = None
+        for array, path in zip(arrays, paths):
+            values = _as_integer_map(array, path)
+            present = np.unique(values)
+            bad = [v for v in present if int(v) not in self.mapping]
+            if bad:
+                raise MedplanError(f"label values {_value_list(bad)} outside the declared classes "
+                                   f"(mapped values: {_value_list(self.mapping)})", path)
+            result = np.zeros(values.shape, dtype=np.uint8)
+            for v in present:
+                result[values == v] = self.mapping[int(v)]
+            out = result if out is None else np.maximum(out, result)
+        return out
+
+
+class ThresholdLabels(LabelDecoder):
+    """Binary masks stored lossy or anti-aliased (JPEG Kvasir, CVC, BUSI): gray >= threshold -> 1.
+
+    Several mask files of one case (BUSI ``_mask``, ``_mask_1``) are merged by OR.
+    """
+
+    def __init__(self, threshold: float = 128):
+        self.threshold = threshold
+
+    def decode(self, arrays: list[np.ndarray], paths: list[Path]) -> np.ndarray:
+        out = None
+        for array in arrays:
+            fg = _gray(array) >= self.threshold
+            out = fg if out is None else (out | fg)
+        return out.astype(np.uint8)
+
+
+class ColourLabels(LabelDecoder):
+    """Colour-coded masks saved as JPEG (BKAI-IGH NeoPolyp: green -> 1, red -> 2).
+
+    A pixel is foreground when its strongest of R and G reaches ``threshold`` and that channel
+    beats the other by ``margin``; red wins ties at the JPEG-blurred border between the two
+    colours. Chroma subsampling smears colour across a few pixels at edges, so deciding by the
+    dominant channel is far more robust than matching exact colours.
+    """
+
+    def __init__(self, colours: dict[str, int], threshold: int = 128, margin: int = 0):
+        self.colours = colours  # {"green": 1, "red": 2}
+        self.threshold = threshold
+        self.margin = margin
+
+    def decode(self, arrays: list[np.ndarray], paths: list[Path]) -> np.ndarray:
+        out = None
+        for array, path in zip(arrays, paths):
+            if array.ndim != 3 or array.shape[2] < 3:
+                raise MedplanError("expected a colour (RGB) mask", path)
+            r = array[..., 0].astype(np.int16)
+            g = array[..., 1].astype(np.int16)
+            result = np.zeros(r.shape, dtype=np.uint8)
+            red = (r >= self.threshold) & (r >= g + self.margin)
+            green = (g >= self.threshold) & (g > r + self.margin) & ~red
+            result[green] = self.colours["green"]
+            result[red] = self.colours["red"]
+            out = result if out is None else np.maximum(out, result)
+        return out
+
+
+def read_label(path: Path, palette_indices: bool) -> np.ndarray:
+    """Decode a label file; a palette ("P") PNG gives its indices when those are the classes."""
+    if palette_indices and path.suffix.lower() == ".png" and path.is_file():
+        try:
+            with Image.open(path) as img:
+                if img.mode == "P":
+                    img.load()
+                    return np.asarray(img)
+        except (OSError, SyntaxError, ValueError):
+            pass  # read_image below names the file and the reason
+    return read_image(path)
+
+
+
+# ----------------------------------------------------------------------------- folder helpers
+
+
+def visible_dirs(path: Path) -> list[Path]:
+    """Sub-folders of ``path`` a download may hold (no hidden, temporary or medplan folders)."""
+    try:
+        entries = sorted(path.iterdir())
+    except OSError:
+        return []
+    return [p for p in entries if p.is_dir() and not p.name.startswith((".", "_")) and p.name not in SKIP_DIR_NAMES]
+
+
+def walk_dirs(root: Path, depth: int = 2) -> Iterator[Path]:
+    """``root`` and its visible sub-folders down to ``depth`` levels, breadth first."""
+    level = [root]
+    for d in range(depth + 1):
+        nxt = []
+        for p in level:
+            yield p
+            if d < depth:
+                nxt.extend(visible_dirs(p))
+        level = nxt
+
+
+def find_child(parent: Path, *names: str) -> Path | None:
+    """A child folder whose name matches one of ``names`` case-insensitively."""
+    wanted = {n.lower() for n in names}
+    for p in visible_dirs(parent):
+        if p.name.lower() in wanted:
+            return p
+    return None
+
+
+def unnest(path: Path) -> Path:
+    """Follow doubly nested extraction folders (``train/train/``, ``X_Input/X_Input/``)."""
+    while True:
+        inner = path / path.name
+        if inner.is_dir() and not any(is_image_file(p) for p in path.iterdir()):
+            path = inner
+        else:
+            return path
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Image files directly in ``folder`` (LICENSE, ATTRIBUTION.txt, .DS_Store are skipped)."""
+    try:
+        return sorted(p for p in folder.iterdir() if is_image_file(p))
+    except OSError:
+        return []
+
+
+_SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_case_id(text: str) -> str:
+    """A file-name-safe case id (``benign (1)`` -> ``benign_1``)."""
+    cleaned = _SAFE.sub("_", text).strip("._")
+    cleaned = re.sub(r"_+", "_", cleaned)
+    return cleaned or "case"
+
+
+def stem_index(files: Iterable[Path], strip_suffixes: tuple[str, ...] = ()) -> dict[str, Path]:
+    """Map stems (minus any of ``strip_suffixes``, e.g. ``_segmentation``) to files."""
+    index: dict[str, Path] = {}
+    for p in files:
+        stem = case_stem(p)
+        for suffix in strip_suffixes:
+            if stem.endswith(suffix):
+                stem = stem[: -len(suffix)]
+                break
+        index.setdefault(stem, p)
+    return index
+
+
+def read_cfg(path: Path) -> dict[str, str]:
+    """``Key: value`` lines (CAMUS ``Info_2CH.cfg``); unreadable lines are ignored."""
+    values: dict[str, str] = {}
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return values
+    for line in text.splitlines():
+        if ":" in line:
+            key, _, value = line.partition(":")
+            if key.strip():
+                values[key.strip()] = value.strip()
+    return values
+
+
+# ----------------------------------------------------------------------------- registry
+
+
+class Importer:
+    """One official download layout. Subclasses set the class attributes and two methods."""
+
+    name: str = ""
+    default_name: str = ""  # dataset name when -d is not given
+    description: str = ""
+
+    def detect(self, path: Path) -> bool:
+        """Whether ``path`` (or a folder up to two levels below) holds this layout."""
+        raise NotImplementedError
+
+    def collect(self, source: Path, **options: Any) -> Collected:
+        """Find every case; raise MedplanError when the layout is missing or empty."""
+        raise NotImplementedError
+
+
+FORMATS: dict[str, Importer] = {}
+
+
+def register(cls: type[Importer]) -> type[Importer]:
+    FORMATS[cls.name] = cls()
+    return cls
+
+
+def no_options(fmt: str, options: dict[str, Any]) -> None:
+    unknown = sorted(k for k, v in options.items() if v is not None)
+    if unknown:
+        raise MedplanError(f"format {fmt!r} takes no option(s) {', '.join(unknown)}")

@@ -1,0 +1,296 @@
+"""Write the medplan raw format from what an importer collected; find and auto-import datasets.
+
+Every case is decoded, validated (readable image, label of the same size, values inside the
+declared classes) and written as PNG inside a temporary folder that replaces
+``$MEDPLAN_RAW/NAME`` only when every case succeeded, so a failed import never damages an
+earlier good one. Decoding and PNG encoding run in a small process pool for large datasets.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import multiprocessing
+import os
+import re
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from medplan import __version__
+from medplan.datasets.base import FORMATS, Case, Collected, LabelDecoder, read_label
+from medplan.errors import MedplanError
+from medplan.io import atomic_directory, atomic_write_json, png_bytes, read_image, read_json, to_uint8
+from medplan.paths import raw_root as default_raw_root
+
+RAW_FORMAT = "medplan-raw-1"
+FIXED_COLUMNS = ["case_id", "group", "source_image", "source_label"]
+AUTO_IMPORT_FOLDER = "medplan"
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+# below this many cases starting worker processes costs more than it saves
+POOL_MIN_CASES = 64
+
+
+# ----------------------------------------------------------------------------- one case (worker)
+
+
+def _image_uint8(array: np.ndarray, path: Path) -> np.ndarray:
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        array = array[..., 0] if array.shape[2] == 1 else array[..., :3]
+    elif array.ndim != 2:
+        raise MedplanError(f"expected a 2D gray or RGB image, got array shape {array.shape}", path)
+    if array.dtype == np.uint8:
+        return np.ascontiguousarray(array)
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if array.dtype.kind in "ui" and array.size and array.min() >= 0 and array.max() <= 255:
+        return array.astype(np.uint8)
+    if array.dtype.kind == "f" and array.size and np.all(np.isfinite(array)) and array.min() >= 0 \
+            and array.max() <= 255 and np.array_equal(np.rint(array), array):
+        return array.astype(np.uint8)
+    return to_uint8(array)
+
+
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return path.relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def _convert_case(task: tuple[Case, LabelDecoder, str, str]) -> dict[str, Any]:
+    """Decode, check and write one case; errors come back as data so the pool stays simple."""
+    case, decoder, out, root = task
+    try:
+        image = _image_uint8(read_image(case.image), case.image)
+        if image.shape[0] < 1 or image.shape[1] < 1:
+            raise MedplanError("empty image", case.image)
+        arrays = []
+        for path in case.labels:
+            array = read_label(path, decoder.palette_indices)
+            if array.shape[:2] != image.shape[:2]:
+                raise MedplanError(f"label size {array.shape[0]}x{array.shape[1]} (HxW) differs from image size "
+                                   f"{image.shape[0]}x{image.shape[1]} of {case.image.name}", path)
+            arrays.append(array)
+        label = decoder.decode(arrays, case.labels)
+        out_dir = Path(out)
+        (out_dir / "images" / f"{case.case_id}.png").write_bytes(png_bytes(image))
+        (out_dir / "labels" / f"{case.case_id}.png").write_bytes(png_bytes(label))
+    except MedplanError as exc:
+        text = str(exc)
+        if exc.path is not None and text.startswith(f"{exc.path}: "):
+            text = text[len(exc.path) + 2:]
+        return {"error": text, "path": exc.path}
+    row = {"case_id": case.case_id, "group": case.group or case.case_id,
+           "source_image": _relative(case.image, Path(root)),
+           "source_label": ";".join(_relative(p, Path(root)) for p in case.labels)}
+    row.update(case.metadata)
+    return {"row": row, "channels": 1 if image.ndim == 2 else 3,
+            "classes": np.unique(label).tolist()}
+
+
+def _run(tasks: list[tuple], workers: int) -> Iterator[dict[str, Any]]:
+    if workers <= 1 or len(tasks) < POOL_MIN_CASES:
+        yield from map(_convert_case, tasks)
+        return
+    # fork on Linux: no re-import of the caller's script (a spawn would run an unguarded script
+    # again in every worker); the workers only use PIL, numpy and SimpleITK (fork-safe in ITK 5)
+    method = "fork" if sys.platform.startswith("linux") else None
+    executor = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context(method))
+    try:
+        chunk = max(1, min(16, len(tasks) // (workers * 8)))
+        yield from executor.map(_convert_case, tasks, chunksize=chunk)
+    finally:
+        executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
+    if not enabled:
+        return iterable
+    from tqdm import tqdm
+
+    interactive = sys.stderr.isatty()
+    return tqdm(iterable, total=total, desc=desc, unit="case", mininterval=0.2 if interactive else 10.0,
+                leave=interactive)
+
+
+def write_raw(collected: Collected, dest: Path, name: str, source: Path, *, progress: bool = True,
+              workers: int | None = None) -> dict[str, Any]:
+    """Convert every collected case into ``dest`` (atomically); returns dataset.json."""
+    cases = collected.cases
+    ids: dict[str, Case] = {}
+    for case in cases:
+        if case.case_id in ids:
+            raise MedplanError(f"two source images give the same case id {case.case_id!r} "
+                               f"(also {ids[case.case_id].image})", case.image)
+        ids[case.case_id] = case
+    if workers is None:
+        workers = min(2, os.cpu_count() or 1)
+    notes = list(collected.notes)
+    with atomic_directory(dest) as tmp:
+        (tmp / "images").mkdir()
+        (tmp / "labels").mkdir()
+        tasks = [(case, collected.decoder, str(tmp), str(collected.root)) for case in cases]
+        rows, channels, present = [], [], set()
+        results = _run(tasks, workers)
+        bar = _progress(results, len(tasks), f"convert {name}", progress)
+        try:
+            for result in bar:
+                if "error" in result:
+                    raise MedplanError(result["error"], result["path"])
+                rows.append(result["row"])
+                channels.append(result["channels"])
+                present.update(result["classes"])
+        finally:
+            if hasattr(bar, "close"):
+                bar.close()
+            results.close()  # stops the worker pool at once on the first bad case
+        stored = 3 if 3 in channels else 1
+        if set(channels) == {1, 3}:
+            # one dataset, one channel count: store the few gray images as RGB (R = G = B)
+            for row, ch in zip(rows, channels):
+                if ch == 1:
+                    path = tmp / "images" / f"{row['case_id']}.png"
+                    gray = read_image(path)
+                    path.write_bytes(png_bytes(np.repeat(gray[..., None], 3, axis=2)))
+            notes.append(f"{channels.count(1)} gray image(s) stored as RGB (R = G = B) to match the others")
+        missing = [n for n, i in collected.labels.items() if i not in present and i != 0]
+        if missing:
+            notes.append(f"class(es) {', '.join(missing)} never appear in any label map")
+        _write_cases_csv(tmp / "cases.csv", rows)
+        dataset = {
+            "name": name,
+            "format": RAW_FORMAT,
+            "source_format": collected.source_format,
+            "source": str(source),
+            "modality": collected.modality,
+            "channels": stored,
+            "labels": collected.labels,
+            "group_column": "group" if any(c.group for c in cases) else None,
+            "num_cases": len(rows),
+            "created": datetime.now().isoformat(timespec="seconds"),
+            "medplan_version": __version__,
+            "notes": notes,
+        }
+        atomic_write_json(tmp / "dataset.json", dataset)
+    return dataset
+
+
+def _write_cases_csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    columns = list(FIXED_COLUMNS)
+    for row in rows:
+        for key in row:
+            if key not in columns:
+                columns.append(key)
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buf.getvalue(), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def detect_format(path: str | Path) -> str | None:
+    """Which official download layout ``path`` holds (``camus``, ``isic2018``, ...), or None.
+
+    Formats are tried from the most specific to the most generic (``folder`` last).
+    """
+    path = Path(path).expanduser()
+    if not path.is_dir():
+        return None
+    for fmt, importer in FORMATS.items():
+        if importer.detect(path):
+            return fmt
+    return None
+
+
+def _resolve_format(fmt: str, source: Path) -> str:
+    key = fmt.lower().replace("-", "").replace("_", "")
+    aliases = {"isic": "isic2018", "isic18": "isic2018", "bkai": "neopolyp", "kvasirseg": "kvasir",
+               "cvcclinicdb": "cvc"}
+    key = aliases.get(key, key)
+    if key == "auto":
+        detected = detect_format(source)
+        if detected is None:
+            raise MedplanError(f"no known download layout found (known formats: {', '.join(FORMATS)})", source)
+        return detected
+    if key not in FORMATS:
+        raise MedplanError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}, auto")
+    return key
+
+
+def convert_dataset(fmt: str, source: str | Path, name: str | None = None, *, raw_root: Path | None = None,
+                    progress: bool = True, force: bool = False, workers: int | None = None,
+                    **options: Any) -> Path:
+    """Import an official download layout into ``$MEDPLAN_RAW/NAME``; returns that folder.
+
+    The download is only read. When it lies inside ``$MEDPLAN_RAW/NAME`` itself, the
+    dataset is written to ``$MEDPLAN_RAW/NAME/medplan/`` beside it. An existing dataset is
+    replaced only with ``force=True``, and only once the new import has fully succeeded.
+    Format options: ``value_map``, ``images``, ``masks``, ``label_names``, ``modality`` (folder).
+    """
+    source = Path(source).expanduser()
+    if not source.is_dir():
+        raise MedplanError("source folder not found", source)
+    source = source.resolve()
+    fmt = _resolve_format(fmt, source)
+    importer = FORMATS[fmt]
+    name = name or importer.default_name
+    if not name:
+        raise MedplanError(f"format {fmt!r} needs a dataset name (-d NAME)")
+    if not _NAME.match(name):
+        raise MedplanError(f"dataset name {name!r} must be letters, digits, '.', '_' or '-'")
+    root = Path(raw_root).expanduser() if raw_root is not None else default_raw_root()
+    dest = root.resolve() / name
+    if source == dest or dest in source.parents:
+        dest = dest / AUTO_IMPORT_FOLDER
+    if source == dest or dest in source.parents:
+        raise MedplanError(f"the download must not lie inside the output folder {dest}", source)
+    if dest.exists():
+        if (dest / "dataset.json").is_file():
+            if not force:
+                raise MedplanError(f"dataset {name!r} already exists; use --force to replace it", dest)
+        elif dest.is_dir() and any(dest.iterdir()):
+            raise MedplanError("exists and is not a medplan raw dataset (no dataset.json); not replacing it", dest)
+    collected = importer.collect(source, **options)
+    write_raw(collected, dest, name, source, progress=progress, workers=workers)
+    return dest
+
+
+def _datasets_in(root: Path) -> list[str]:
+    if not root.is_dir():
+        return []
+    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+def resolve_raw_dataset(name: str, *, progress: bool = True, quiet: bool = False) -> Path:
+    """The folder holding ``dataset.json`` for dataset ``name``, importing a download if needed.
+
+    ``$MEDPLAN_RAW/NAME`` may hold the medplan raw format, an earlier auto-import in
+    ``NAME/medplan/``, or an official download layout, which is then imported (once) into
+    ``NAME/medplan/`` without touching the download.
+    """
+    root = default_raw_root()
+    folder = root / name
+    for candidate in (folder, folder / AUTO_IMPORT_FOLDER):
+        if (candidate / "dataset.json").is_file():
+            return candidate
+    fmt = detect_format(folder) if folder.is_dir() and _NAME.match(name) else None
+    if fmt is not None:
+        if not quiet:
+            print(f"medplan: {folder} holds a {fmt} download; importing it into {folder / AUTO_IMPORT_FOLDER} "
+                  f"(the download is left as it is)", flush=True)
+        return convert_dataset(fmt, folder, name, raw_root=root, progress=progress)
+    there = _datasets_in(root)
+    listing = f"datasets there: {', '.join(there)}" if there else "it holds no datasets"
+    raise MedplanError(f"dataset {name!r} not found in $MEDPLAN_RAW ({root}); {listing}; "
+                       f"run medplan_convert FORMAT SOURCE -d {name} first")
+
+
+def read_dataset_json(folder: Path) -> dict[str, Any]:
+    return read_json(Path(folder) / "dataset.json")
