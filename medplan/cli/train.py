@@ -1,0 +1,133 @@
+"""medplan_train DATASET ARCH FOLD: train one fold of one architecture (the paper's protocol).
+
+Command-line flags override the plan for this run only; the run's exact settings go to
+config.json in the fold folder.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+from medplan.cli import entry_point
+from medplan.errors import MedplanError
+
+
+def parse_model_options(items: list[str] | None) -> dict:
+    """``key=value`` pairs; values are read as JSON where they parse (numbers, true, null, lists)."""
+    options: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise MedplanError(f"--model-opt expects key=value, got {item!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Flags shared by medplan_train and medplan_tune."""
+    parser.add_argument("--batch-size", type=int, help="global batch size (default: plan)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto")
+    parser.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
+    parser.add_argument("--seed", type=int, help="random seed (default 12345)")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    parser.add_argument("--num-workers", type=int, help="data loading workers")
+    parser.add_argument("--num-gpus", type=int, default=1,
+                        help="data-parallel processes (relaunches through torchrun; with --device cpu: gloo)")
+    parser.add_argument("--checkpoint-every", type=int, help="write checkpoint_latest.pt every N epochs (default 1)")
+    parser.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="option for the model builder")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
+    parser.add_argument("--force", action="store_true", help="train again over a finished run (deletes its results)")
+
+
+def run_overrides(args: argparse.Namespace) -> dict:
+    return {"batch_size": args.batch_size, "device": args.device, "amp": False if args.no_amp else None,
+            "seed": args.seed, "deterministic": args.deterministic or None, "num_workers": args.num_workers,
+            "checkpoint_every": args.checkpoint_every, "progress": False if args.no_progress else None,
+            "force": args.force or None}
+
+
+def strip_num_gpus(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for item in argv:
+        if skip:
+            skip = False
+            continue
+        if item == "--num-gpus":
+            skip = True
+            continue
+        if item.startswith("--num-gpus="):
+            continue
+        out.append(item)
+    return out
+
+
+def maybe_relaunch(args: argparse.Namespace, argv: list[str], module: str, check=None) -> int | None:
+    """Relaunch through torchrun when ``--num-gpus N > 1`` and not already under torchrun.
+
+    ``check()`` runs first, so bad input is one error from this process, not one per rank."""
+    if args.num_gpus < 1:
+        raise MedplanError(f"--num-gpus must be >= 1, got {args.num_gpus}")
+    if args.num_gpus == 1 or "WORLD_SIZE" in os.environ:
+        return None
+    if args.device != "cpu":
+        import torch
+
+        available = torch.cuda.device_count()
+        if available < args.num_gpus:
+            raise MedplanError(f"--num-gpus {args.num_gpus}: only {available} CUDA device(s) visible "
+                               "(use --device cpu for a CPU test run)")
+    if check is not None:
+        check()
+    from medplan.trainers.distributed import relaunch_with_torchrun
+
+    return relaunch_with_torchrun(args.num_gpus, module, strip_num_gpus(argv))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="medplan_train", description=__doc__.splitlines()[0])
+    p.add_argument("dataset", help="dataset name (preprocessed with medplan_preprocess)")
+    p.add_argument("arch", help="architecture name (see medplan_models)")
+    p.add_argument("fold", help="fold 0..n-1, or 'all' (train on every case, no validation)")
+    p.add_argument("--continue", dest="continue_training", action="store_true",
+                   help="resume from checkpoint_latest.pt (a finished run is left as it is)")
+    p.add_argument("--lr", type=float, help="learning rate (default: lr_search.json, else the plan)")
+    p.add_argument("--epochs", type=int, help="epoch budget (default: the plan's, per stage)")
+    p.add_argument("--stage", choices=("cv", "lr_search"), default="cv",
+                   help="cv: ARCH/fold_K; lr_search: ARCH/lr_search/lr_X/fold_K with the LR-search budget")
+    add_run_arguments(p)
+    return p
+
+
+@entry_point("medplan_train")
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    overrides = {**run_overrides(args), "lr": args.lr, "epochs": args.epochs, "stage": args.stage}
+    model_options = parse_model_options(args.model_opt)
+
+    def check() -> None:
+        from medplan.trainers import prepare
+
+        prepare(args.dataset, args.arch, args.fold, overrides=overrides, model_options=model_options)
+
+    code = maybe_relaunch(args, argv, "medplan.cli.train", check)
+    if code is not None:
+        return code
+    from medplan.trainers import train
+    from medplan.trainers.distributed import cleanup
+
+    try:
+        train(args.dataset, args.arch, args.fold, continue_training=args.continue_training,
+              overrides=overrides, model_options=model_options)
+    finally:
+        cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""What a run tells its user: training.log, metrics.jsonl, progress.png and a progress bar.
+
+The bar (with ETA) is shown only when stderr is a terminal; in batch logs each epoch is one
+summary line, so a 150-epoch run leaves 150 readable lines and no flood of carriage returns.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+from medplan.io import atomic_write_bytes, atomic_write_text
+
+T = TypeVar("T")
+
+LOG_FORMAT = "%(asctime)s %(message)s"
+DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+
+
+class RunLog:
+    """Writes to ``training.log`` (appending across resumes) and echoes to the console."""
+
+    def __init__(self, path: Path | None, *, console: bool = True, name: str = "medplan.run"):
+        self.logger = logging.getLogger(f"{name}.{id(self)}")
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False
+        fmt = logging.Formatter(LOG_FORMAT, DATE_FORMAT)
+        self._handlers: list[logging.Handler] = []
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+            handler.setFormatter(fmt)
+            self._handlers.append(handler)
+        if console:
+            stream = logging.StreamHandler(sys.stdout)
+            stream.setFormatter(logging.Formatter("%(message)s"))
+            self._handlers.append(stream)
+        for h in self._handlers:
+            self.logger.addHandler(h)
+
+    def info(self, message: str) -> None:
+        self.logger.info(message)
+
+    def warning(self, message: str) -> None:
+        self.logger.warning(f"WARNING: {message}")
+
+    def close(self) -> None:
+        for h in self._handlers:
+            self.logger.removeHandler(h)
+            h.close()
+        self._handlers.clear()
+
+
+def interactive() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def progress_bar(iterable: Iterable[T], *, total: int, desc: str, enabled: bool | None = None) -> Iterator[T]:
+    """A tqdm bar with ETA on a terminal; the bare iterable otherwise."""
+    if enabled is None:
+        enabled = interactive()
+    if not enabled:
+        yield from iterable
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, unit="batch") as bar:
+        for item in bar:
+            yield item
+
+
+def format_epoch_line(record: dict, total_epochs: int) -> str:
+    """One line per epoch: the numbers a user scans for in a log."""
+    parts = [f"epoch {record['epoch']:>{len(str(total_epochs))}}/{total_epochs}",
+             f"train_loss {record['train_loss']:.4f}"]
+    if record.get("val_loss") is not None:
+        parts += [f"val_loss {record['val_loss']:.4f}", f"val_mIoU {record['val_mIoU']:.4f}",
+                  f"val_mDSC {record['val_mDSC']:.4f}"]
+    parts += [f"lr {record['lr']:.3g}", f"{record['epoch_time']:.1f}s"]
+    if record.get("best"):
+        parts.append("(best)")
+    return "  ".join(parts)
+
+
+def write_metrics(history: list[dict], path: Path) -> None:
+    """Rewrite metrics.jsonl from the full history (atomic, so it always matches a checkpoint
+    or is one epoch ahead of it, never half a line)."""
+    text = "".join(json.dumps(r, default=_plain) + "\n" for r in history)
+    atomic_write_text(path, text)
+
+
+def read_metrics(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _plain(obj):
+    if hasattr(obj, "item"):
+        return obj.item()
+    raise TypeError(type(obj).__name__)
+
+
+def plot_progress(history: list[dict], path: Path) -> None:
+    """progress.png: losses, validation mIoU/mDSC and the learning rate against epochs."""
+    if not history:
+        return
+    import io
+
+    from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+
+    epochs = [r["epoch"] for r in history]
+
+    def series(key):
+        return [r.get(key) if r.get(key) is not None else math.nan for r in history]
+
+    fig = Figure(figsize=(9, 8), dpi=90)
+    ax_loss, ax_metric, ax_lr = fig.subplots(3, 1, sharex=True)
+    ax_loss.plot(epochs, series("train_loss"), label="train loss", color="tab:blue")
+    if any(r.get("val_loss") is not None for r in history):
+        ax_loss.plot(epochs, series("val_loss"), label="val loss", color="tab:red")
+        ax_metric.plot(epochs, series("val_mIoU"), label="val mIoU", color="tab:green")
+        ax_metric.plot(epochs, series("val_mDSC"), label="val mDSC", color="tab:olive")
+        ax_metric.legend(loc="lower right")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(loc="upper right")
+    ax_metric.set_ylabel("validation")
+    ax_lr.plot(epochs, series("lr"), color="tab:gray")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("epoch")
+    for ax in (ax_loss, ax_metric, ax_lr):
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
