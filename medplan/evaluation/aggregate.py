@@ -1,0 +1,280 @@
+"""Gather every fold of every dataset x architecture: per-fold metrics and mean ± SD over folds.
+
+Where the numbers come from (column ``source``):
+
+* ``summary.json``: the trainer's ``fold_K/validation/summary.json``, computed with the same
+  metric code from the same saved label maps against the same raw labels, so it equals a
+  recomputation at original size and costs nothing (the default when the file exists);
+  with ``at_input_size`` its ``at_input_size`` block (network output at the planned size
+  against the resized labels, which is what the paper reported).
+* ``recomputed``: the label maps in ``fold_K/validation/`` evaluated again against the raw
+  labels (:func:`medplan.evaluation.evaluate.evaluate_fold`): with ``recompute=True``, or
+  when a fold has label maps but no summary.json.
+
+A fold without validation results is a row with ``status = "missing"``, never dropped: the
+expected folds are ``range(plan["split"]["n_folds"])`` (5 when no plan can be found).
+SD is the sample standard deviation over the available folds (ddof = 1).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from medplan.errors import MedplanError
+from medplan.io import atomic_write_json, read_json
+
+METRICS = ("mDSC", "mIoU", "mRec", "mPrec")
+DEFAULT_N_FOLDS = 5
+ID_COLUMNS = ("dataset", "arch", "fold", "status", "n_folds", "n_cases", "source", "evaluated_at", "class_names")
+
+
+def dice_column(index: int) -> str:
+    """Column of class index ``index``'s Dice (C_1, C_2, ... as in Table 3)."""
+    return f"dice_C{index}"
+
+
+def _results_root(results_root: str | Path | None) -> Path:
+    from medplan.paths import results_root as default
+
+    return Path(results_root) if results_root is not None else default()
+
+
+def is_model_dir(path: Path) -> bool:
+    return path.is_dir() and any(p.is_dir() and p.name.startswith("fold_") for p in path.iterdir())
+
+
+def model_dirs(results_root: str | Path | None = None, datasets: Iterable[str] | None = None,
+               archs: Iterable[str] | None = None) -> list[tuple[str, str, Path]]:
+    """(dataset, arch, folder) of every ``RESULTS/DATASET/ARCH/`` that holds ``fold_K/`` folders."""
+    root = _results_root(results_root)
+    if not root.is_dir():
+        raise MedplanError("results folder not found (set MEDPLAN_RESULTS)", root)
+    want_d = set(datasets) if datasets else None
+    want_a = set(archs) if archs else None
+    found = []
+    for ddir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        if want_d is not None and ddir.name not in want_d:
+            continue
+        for adir in sorted(p for p in ddir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if (want_a is None or adir.name in want_a) and is_model_dir(adir):
+                found.append((ddir.name, adir.name, adir))
+    for name in sorted(want_d or ()):
+        if not (root / name).is_dir():
+            raise MedplanError(f"no results for dataset {name!r}", root / name)
+    if not found:
+        what = " for " + ", ".join(filter(None, [", ".join(sorted(want_d or [])), ", ".join(sorted(want_a or []))])) \
+            if (want_d or want_a) else ""
+        raise MedplanError(f"no trained models (DATASET/ARCH/fold_K/){what}", root)
+    return found
+
+
+def model_plan(model_dir: Path, dataset: str) -> dict | None:
+    """The plan a model was trained with: any fold's config.json, else the dataset's plans.json."""
+    for fold_dir in sorted(model_dir.glob("fold_*")):
+        path = fold_dir / "config.json"
+        if path.is_file():
+            plan = read_json(path).get("plan")
+            if isinstance(plan, dict) and "labels" in plan:
+                return plan
+    try:
+        from medplan.pipeline import load_plan
+
+        return load_plan(dataset)
+    except MedplanError:
+        return None
+
+
+def _class_names(plan: dict | None, summaries: Sequence[dict]) -> list[str]:
+    """All class names, background first."""
+    if plan and isinstance(plan.get("labels"), dict):
+        return [n for n, _ in sorted(plan["labels"].items(), key=lambda kv: kv[1])]
+    for s in summaries:
+        if isinstance(s.get("class_names"), list):
+            return list(s["class_names"])
+        if isinstance(s.get("per_class"), dict):
+            return ["background", *s["per_class"]]
+    return ["background"]
+
+
+def _num(value: Any) -> float:
+    return float("nan") if value is None else float(value)
+
+
+def _fold_key(fold: Any) -> tuple[int, Any]:
+    s = str(fold)
+    return (0, int(s)) if s.isdigit() else (1, s)
+
+
+def _summary_metrics(summary: dict, at_input_size: bool) -> dict | None:
+    if not at_input_size:
+        return summary
+    block = summary.get("at_input_size")
+    if not isinstance(block, dict):
+        return None
+    return {**block, "n_cases": block.get("n_cases", summary.get("n_cases"))}
+
+
+def model_table(dataset: str, arch: str, *, results_root: str | Path | None = None, recompute: bool = False,
+                at_input_size: bool = False, progress: bool = False) -> pd.DataFrame:
+    """One row per expected fold of one model (missing folds included, status ``missing``)."""
+    from medplan.evaluation.evaluate import evaluate_fold, fold_has_predictions
+
+    model_dir = _results_root(results_root) / dataset / arch
+    if not is_model_dir(model_dir):
+        raise MedplanError("no fold_K/ folders: not a trained model folder", model_dir)
+    plan = model_plan(model_dir, dataset)
+    n_folds = int(((plan or {}).get("split") or {}).get("n_folds") or DEFAULT_N_FOLDS)
+    expected: list[Any] = list(range(n_folds))
+    extra = sorted({int(p.name[5:]) for p in model_dir.glob("fold_*") if p.name[5:].isdigit()} - set(expected))
+    expected += extra  # a fold beyond the plan's count is shown rather than ignored
+    results: dict[Any, tuple[dict, str, str]] = {}
+    for fold in expected:
+        fold_dir = model_dir / f"fold_{fold}"
+        summary_path = fold_dir / "validation" / "summary.json"
+        metrics = None
+        if summary_path.is_file() and not recompute:
+            metrics = _summary_metrics(read_json(summary_path), at_input_size)
+            if metrics is not None:
+                where = "original_size"
+                if at_input_size:
+                    size = (plan or {}).get("input_size")
+                    where = f"input_size {size[0]}x{size[1]}" if size else "input_size"
+                results[fold] = (metrics, "summary.json", where)
+        if metrics is None and (fold_has_predictions(fold_dir) if fold_dir.is_dir() else False):
+            metrics = evaluate_fold(fold_dir, plan, at_input_size=at_input_size, progress=progress)
+            results[fold] = (metrics, "recomputed", metrics["evaluated_at"])
+    names = _class_names(plan, [r[0] for r in results.values()])
+    rows = []
+    for fold in expected:
+        row: dict[str, Any] = {"dataset": dataset, "arch": arch, "fold": fold, "n_folds": n_folds,
+                               "class_names": "|".join(names[1:])}
+        if fold not in results:
+            row.update(status="missing", n_cases=np.nan, source="", evaluated_at="")
+            row.update({m: np.nan for m in METRICS})
+            row.update({dice_column(i): np.nan for i in range(1, len(names))})
+        else:
+            metrics, source, where = results[fold]
+            row.update(status="ok", n_cases=_num(metrics.get("n_cases")), source=source, evaluated_at=where)
+            row.update({m: _num(metrics.get(m)) for m in METRICS})
+            per_class = metrics.get("per_class") or {}
+            for i, name in enumerate(names[1:], start=1):
+                row[dice_column(i)] = _num((per_class.get(name) or {}).get("dice"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def metric_columns(df: pd.DataFrame) -> list[str]:
+    dice = sorted((c for c in df.columns if c.startswith("dice_C")), key=lambda c: int(c[len("dice_C"):]))
+    return [*METRICS, *dice]
+
+
+def fold_status(n_ok: int, n_expected: int, missing: Sequence[Any]) -> str:
+    """``5/5 folds`` or ``3/5 folds; missing: 3, 4``."""
+    text = f"{n_ok}/{n_expected} folds"
+    return text + (f"; missing: {', '.join(map(str, missing))}" if missing else "")
+
+
+def model_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per dataset x arch: ``mean_<metric>``, ``sd_<metric>`` over the available folds,
+    ``n_ok``, ``n_expected``, ``missing`` (fold list) and ``folds`` (the status line)."""
+    cols = metric_columns(df)
+    rows = []
+    for (dataset, arch), g in df.groupby(["dataset", "arch"], sort=True):
+        ok = g[g["status"] == "ok"]
+        missing = [f for f in g.loc[g["status"] != "ok", "fold"].tolist()]
+        n_expected = int(g["n_folds"].max()) if g["n_folds"].notna().any() else len(g)
+        row: dict[str, Any] = {"dataset": dataset, "arch": arch, "n_ok": len(ok), "n_expected": max(n_expected, len(g)),
+                               "missing": sorted(missing, key=_fold_key), "class_names": g["class_names"].iloc[0]}
+        row["folds"] = fold_status(row["n_ok"], row["n_expected"], row["missing"])
+        for c in cols:
+            values = ok[c].astype(float)
+            row[f"mean_{c}"] = float(values.mean()) if values.notna().any() else np.nan
+            row[f"sd_{c}"] = float(values.std(ddof=1)) if values.notna().sum() > 1 else np.nan
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return _clean(value.item())
+    return value
+
+
+def cv_summary(table: pd.DataFrame) -> dict[str, Any]:
+    """The ``ARCH/cv_summary.json`` of one model's fold table."""
+    if table.empty or table[["dataset", "arch"]].drop_duplicates().shape[0] != 1:
+        raise MedplanError("cv_summary needs the fold rows of exactly one dataset x architecture")
+    summary = model_summary(table).iloc[0]
+    cols = metric_columns(table)
+    names = [n for n in str(summary["class_names"]).split("|") if n]
+
+    def block(get) -> dict[str, Any]:
+        out = {m: _clean(get(m)) for m in METRICS}
+        out["dice"] = {names[int(c[len("dice_C"):]) - 1]: _clean(get(c)) for c in cols if c.startswith("dice_C")
+                       and int(c[len("dice_C"):]) - 1 < len(names)}
+        return out
+
+    folds = {}
+    for _, r in table.iterrows():
+        if r["status"] == "ok":
+            folds[str(r["fold"])] = {"n_cases": _clean(r["n_cases"]), "source": r["source"],
+                                     "evaluated_at": r["evaluated_at"], **block(lambda c, r=r: r[c])}
+    return {
+        "dataset": summary["dataset"], "arch": summary["arch"],
+        "n_folds": int(summary["n_expected"]), "n_available": int(summary["n_ok"]),
+        "missing_folds": [_clean(f) for f in summary["missing"]], "status": summary["folds"],
+        "class_names": names, "sd": "sample standard deviation over the available folds (ddof=1)",
+        "evaluated_at": sorted({r for r in table["evaluated_at"] if r}),
+        "folds": folds,
+        "mean": block(lambda c: summary[f"mean_{c}"]),
+        "std": block(lambda c: summary[f"sd_{c}"]),
+    }
+
+
+def cv_summary_name(at_input_size: bool) -> str:
+    return "cv_summary_at_input_size.json" if at_input_size else "cv_summary.json"
+
+
+def write_cv_summaries(df: pd.DataFrame, results_root: str | Path | None = None, *,
+                       at_input_size: bool = False) -> list[Path]:
+    """``RESULTS/DATASET/ARCH/cv_summary.json`` (``cv_summary_at_input_size.json``) per model."""
+    root = _results_root(results_root)
+    paths = []
+    for (dataset, arch), g in df.groupby(["dataset", "arch"], sort=True):
+        path = root / dataset / arch / cv_summary_name(at_input_size)
+        atomic_write_json(path, cv_summary(g))
+        paths.append(path)
+    return paths
+
+
+def evaluate_model(dataset: str, arch: str, *, at_input_size: bool = False, recompute: bool = False,
+                   results_root: str | Path | None = None, write: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Per-fold metrics and mean ± SD of one dataset x architecture (the cv_summary dict, also
+    written to ``ARCH/cv_summary.json`` unless ``write=False``)."""
+    table = model_table(dataset, arch, results_root=results_root, recompute=recompute, at_input_size=at_input_size,
+                        progress=progress)
+    if write:
+        write_cv_summaries(table, results_root, at_input_size=at_input_size)
+    out = cv_summary(table)
+    out["table"] = table
+    return out
+
+
+def gather_all_folds(results_root: str | Path | None = None, *, recompute: bool = False, at_input_size: bool = False,
+                     datasets: Iterable[str] | None = None, archs: Iterable[str] | None = None,
+                     progress: bool = False) -> pd.DataFrame:
+    """Every fold of every dataset x architecture under the results folder, one row per fold
+    (columns: dataset, arch, fold, status, n_folds, n_cases, source, evaluated_at, class_names,
+    mDSC, mIoU, mRec, mPrec, dice_C1, ...; metric values as fractions, NaN where missing)."""
+    tables = [model_table(d, a, results_root=results_root, recompute=recompute, at_input_size=at_input_size,
+                          progress=progress)
+              for d, a, _ in model_dirs(results_root, datasets, archs)]
+    df = pd.concat(tables, ignore_index=True, sort=False)
+    cols = [c for c in ID_COLUMNS if c in df.columns] + metric_columns(df)
+    return df[cols]

@@ -1,0 +1,405 @@
+"""Predict: trained folds + new images -> one label map per image at its original size.
+
+A results folder is self-contained: each ``fold_K/checkpoint_*.pt`` holds the weights, the
+architecture name, its options and the full plan (``config.json`` beside it is read when a
+checkpoint lacks one of them), so a copied ``RESULTS/DATASET/ARCH/`` folder predicts on any
+machine without the raw or preprocessed data.
+
+Per image: the plan's preprocessing (:func:`medplan.preprocessing.prepare_image` then
+:func:`~medplan.preprocessing.normalize`), the network at the planned input size (through the
+architecture's trainer ``forward_logits`` so an internal resolution is respected), class
+probabilities (:func:`medplan.evaluation.metrics.logits_to_probs`: softmax, or ``[1-p, p]``
+for a BCE head) averaged over folds and test-time flips, bilinear interpolation of the
+probabilities to the original ``(H, W)``, then argmax. Averaging probabilities (not labels)
+is what makes the fold ensemble better than majority voting on borderline pixels.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from medplan.errors import MedplanError
+from medplan.io import atomic_write_png, case_stem, is_image_file, read_image, read_json, to_uint8
+
+CHECKPOINTS = {"best": "checkpoint_best.pt", "final": "checkpoint_final.pt", "latest": "checkpoint_latest.pt"}
+STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
+#: plan keys every fold of an ensemble must share (they decide the input and the output)
+SHARED_PLAN_KEYS = ("input_size", "channels", "num_classes", "num_outputs", "loss", "normalization")
+
+#: fixed overlay colours per class index (0 = background stays unpainted)
+PALETTE = np.array([
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
+], dtype=np.uint8)
+
+
+# ---------------------------------------------------------------------------- loading
+@dataclass
+class FoldModel:
+    """One trained fold, ready to run."""
+
+    fold: str
+    checkpoint: Path
+    arch: str
+    plan: dict
+    model_options: dict
+    internal_size: tuple[int, int] | None
+    model: nn.Module
+
+
+def _fold_sort_key(name: str) -> tuple[int, Any]:
+    tail = name[len("fold_"):]
+    return (0, int(tail)) if tail.isdigit() else (1, tail)
+
+
+def resolve_fold_dirs(path: str | Path, folds: Sequence[int | str] | None = None,
+                      checkpoint: str = "best") -> list[Path]:
+    """The fold folders to use: ``path`` itself when it is a fold folder, else its ``fold_K``.
+
+    ``folds=None`` takes every numbered fold holding the requested checkpoint (``fold_all``
+    only when nothing else is there); an explicitly asked fold without it is an error.
+    """
+    path = Path(path)
+    ckpt = checkpoint_name(checkpoint)
+    if not path.is_dir():
+        raise MedplanError("results folder not found", path)
+    if any((path / name).is_file() for name in CHECKPOINTS.values()) or path.name.startswith("fold_"):
+        if folds:
+            raise MedplanError("folds were given but the path is already one fold folder", path)
+        if not (path / ckpt).is_file():
+            raise MedplanError(f"no {ckpt} in this fold folder (train it first, or use --checkpoint)", path)
+        return [path]
+    if folds:
+        dirs = [path / f"fold_{f}" for f in folds]
+        for d in dirs:
+            if not (d / ckpt).is_file():
+                raise MedplanError(f"fold has no {ckpt}" if d.is_dir() else "fold folder not found", d / ckpt)
+        return dirs
+    present = sorted((d for d in path.iterdir() if d.is_dir() and d.name.startswith("fold_")),
+                     key=lambda d: _fold_sort_key(d.name))
+    trained = [d for d in present if (d / ckpt).is_file()]
+    numbered = [d for d in trained if d.name[len("fold_"):].isdigit()]
+    if numbered:
+        return numbered
+    if trained:
+        return trained
+    what = f"no fold_K/{ckpt}" + (f" (fold folders: {', '.join(d.name for d in present)})" if present else "")
+    raise MedplanError(f"{what}; not a trained results folder", path)
+
+
+def checkpoint_name(checkpoint: str) -> str:
+    if checkpoint in CHECKPOINTS:
+        return CHECKPOINTS[checkpoint]
+    if checkpoint in CHECKPOINTS.values():
+        return checkpoint
+    raise MedplanError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+
+
+def _trainer_forward(arch: str, internal_size: tuple[int, int] | None) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """The architecture's trainer ``forward_logits`` (internal resolution and the like), unbound
+    from a training run: the same code path as the trainer's validation."""
+    from medplan.trainers.base import Trainer
+
+    cls: type = Trainer
+    try:
+        from medplan.trainers.registry import get_trainer
+
+        cls = get_trainer(arch)
+    except Exception:  # a plug-in trainer missing on this machine: the shared protocol's forward
+        cls = Trainer
+    adapter = cls.__new__(cls)
+    adapter.internal_size = internal_size
+    return adapter.forward_logits
+
+
+def load_fold(fold_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> FoldModel:
+    """Build the fold's network and load its weights; MedplanError naming the file on any problem."""
+    from medplan.architectures import build_model
+    from medplan.trainers.checkpoint import load_checkpoint
+
+    fold_dir = Path(fold_dir)
+    ckpt_path = fold_dir / checkpoint_name(checkpoint)
+    state = load_checkpoint(ckpt_path, map_location="cpu")
+    config_path = fold_dir / "config.json"
+    config = read_json(config_path) if config_path.is_file() else {}
+    weights = next((state[k] for k in STATE_DICT_KEYS if isinstance(state.get(k), dict)), None)
+    if weights is None:
+        raise MedplanError(f"checkpoint holds no model weights (keys: {', '.join(sorted(state))})", ckpt_path)
+    arch = state.get("arch") or config.get("arch")
+    plan = state.get("plan") or config.get("plan")
+    if not arch or not isinstance(plan, dict):
+        raise MedplanError("neither the checkpoint nor config.json names the architecture and the plan", ckpt_path)
+    missing = [k for k in SHARED_PLAN_KEYS if k not in plan]
+    if missing:
+        raise MedplanError(f"the run's plan lacks {', '.join(missing)}", ckpt_path)
+    options = dict(state.get("model_options") or config.get("model_options") or {})
+    options["pretrained"] = False  # the checkpoint's weights replace them; never look for files
+    internal = config.get("internal_size", state.get("internal_size"))
+    if internal is None:
+        from medplan.trainers.registry import get_trainer
+
+        try:
+            internal = getattr(get_trainer(arch), "internal_size", None)
+        except Exception:
+            internal = None
+    internal_size = None if internal is None else (int(internal[0]), int(internal[1]))
+    model = build_model(arch, int(plan["channels"]), int(plan["num_outputs"]), **options)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise MedplanError(f"weights do not fit architecture {arch!r} ({first})", ckpt_path) from None
+    model.to(device).eval()
+    return FoldModel(fold=fold_dir.name[len("fold_"):] if fold_dir.name.startswith("fold_") else fold_dir.name,
+                     checkpoint=ckpt_path, arch=arch, plan=plan, model_options=options,
+                     internal_size=internal_size, model=model)
+
+
+# ---------------------------------------------------------------------------- predictor
+def _resolve_device(device: str | torch.device) -> torch.device:
+    if isinstance(device, torch.device):
+        return device
+    from medplan.trainers.base import resolve_device
+
+    return resolve_device(device)
+
+
+def tta_flips(plan: dict, tta: bool) -> list[tuple[int, ...]]:
+    """Flip dims to average over: none; with TTA the horizontal flip, plus the vertical flip
+    (and both) only when the plan's augmentation used vertical flips (a vertically flipped
+    echocardiogram is not an image the network has seen)."""
+    flips: list[tuple[int, ...]] = [()]
+    if tta:
+        flips.append((-1,))
+        if (plan.get("augmentation") or {}).get("vflip"):
+            flips += [(-2,), (-2, -1)]
+    return flips
+
+
+class Predictor:
+    """Trained folds as one model: ``predict(image) -> label map`` at the image's original size.
+
+    >>> predictor = Predictor.from_folder("results/CAMUS/unet")            # doctest: +SKIP
+    >>> labels = predictor.predict("new_image.png")                          # doctest: +SKIP
+    >>> labels, probs = predictor.predict(array, return_probabilities=True)  # doctest: +SKIP
+    """
+
+    def __init__(self, folds: list[FoldModel], *, device: str | torch.device = "cpu", tta: bool = False,
+                 batch_size: int | None = None, amp: bool = True):
+        if not folds:
+            raise MedplanError("a Predictor needs at least one trained fold")
+        ref = folds[0]
+        for f in folds[1:]:
+            diff = [k for k in SHARED_PLAN_KEYS if f.plan.get(k) != ref.plan.get(k)]
+            if diff:
+                raise MedplanError(f"fold {f.fold} was trained with a different plan ({', '.join(diff)}) than "
+                                   f"fold {ref.fold}; ensemble folds of one plan only", f.checkpoint)
+        self.folds = folds
+        self.plan = ref.plan
+        self.device = _resolve_device(device)
+        for f in folds:
+            f.model.to(self.device)
+        self.tta = bool(tta)
+        self.batch_size = int(batch_size or self.plan.get("batch_size") or 8)
+        if self.batch_size < 1:
+            raise MedplanError(f"batch size must be >= 1, got {batch_size}")
+        self.loss = str(self.plan["loss"])
+        self.input_size = (int(self.plan["input_size"][0]), int(self.plan["input_size"][1]))
+        self.channels = int(self.plan["channels"])
+        self.class_names = [n for n, _ in sorted(self.plan["labels"].items(), key=lambda kv: kv[1])]
+        self.num_classes = int(self.plan["num_classes"])
+        self.flips = tta_flips(self.plan, self.tta)
+        self._forwards = [_trainer_forward(f.arch, f.internal_size) for f in folds]
+        self.amp_dtype = None
+        if amp and self.device.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    @classmethod
+    def from_folder(cls, path: str | Path, folds: Sequence[int | str] | None = None, checkpoint: str = "best",
+                    device: str | torch.device = "auto", tta: bool = False, batch_size: int | None = None,
+                    amp: bool = True) -> "Predictor":
+        """A model folder (``.../DATASET/ARCH`` holding ``fold_K/``) or one fold folder."""
+        dev = _resolve_device(device)
+        fold_dirs = resolve_fold_dirs(path, folds, checkpoint)
+        return cls([load_fold(d, checkpoint, dev) for d in fold_dirs], device=dev, tta=tta,
+                   batch_size=batch_size, amp=amp)
+
+    # -- preprocessing
+    def load(self, image: Any) -> np.ndarray:
+        """Path or array -> uint8 (H, W[, C]) as the network's preprocessing expects."""
+        path = None
+        if isinstance(image, (str, os.PathLike)):
+            path = Path(image)
+            image = read_image(path)
+        array = np.asarray(image)
+        if array.ndim == 3 and array.shape[2] == 1:
+            array = array[:, :, 0]
+        if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[2] not in (3, 4)):
+            raise MedplanError(f"expected a 2D gray or RGB image (H, W) or (H, W, 3), got shape {array.shape}", path)
+        if array.dtype.kind not in "biuf":
+            raise MedplanError(f"cannot use pixel type {array.dtype}", path)
+        return to_uint8(array)
+
+    def _prepare(self, image: np.ndarray) -> np.ndarray:
+        from medplan.preprocessing import prepare_image
+
+        return prepare_image(image, self.input_size, self.channels)
+
+    # -- network
+    @torch.no_grad()
+    def probabilities_at_input_size(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) uint8 at the input size -> (B, K, h, w) float32 probabilities on the device,
+        the mean over folds and flips."""
+        from medplan.evaluation.metrics import logits_to_probs
+        from medplan.preprocessing import normalize
+
+        x = normalize(torch.as_tensor(np.asarray(batch)).to(self.device), self.plan)
+        total = None
+        for fold, forward in zip(self.folds, self._forwards):
+            for dims in self.flips:
+                xi = torch.flip(x, dims) if dims else x
+                if self.amp_dtype is not None:
+                    with torch.autocast(device_type=self.device.type, dtype=self.amp_dtype):
+                        logits = forward(fold.model, xi)
+                else:
+                    logits = forward(fold.model, xi)
+                probs = logits_to_probs(logits.float(), self.loss).float()
+                if dims:
+                    probs = torch.flip(probs, dims)
+                total = probs if total is None else total + probs
+        return total / float(len(self.folds) * len(self.flips))
+
+    def _finish(self, probs: torch.Tensor, size: tuple[int, int], return_probabilities: bool):
+        """(K, h, w) probabilities -> label map (and probabilities) at ``size``."""
+        up = probs[None]
+        if tuple(up.shape[-2:]) != tuple(size):
+            up = F.interpolate(up, size=size, mode="bilinear", align_corners=False)
+        up = up[0]
+        labels = up.argmax(0).to(torch.uint8).cpu().numpy()
+        if return_probabilities:
+            return labels, up.float().cpu().numpy()
+        return labels
+
+    def predict_batch(self, images: Iterable[Any], return_probabilities: bool = False) -> list:
+        """Images (arrays or paths) -> a list of label maps (or ``(labels, probs)`` pairs)."""
+        loaded = [self.load(im) for im in images]
+        out: list = []
+        for start in range(0, len(loaded), self.batch_size):
+            chunk = loaded[start:start + self.batch_size]
+            out += self._predict_loaded(chunk, return_probabilities)
+        return out
+
+    def _predict_loaded(self, chunk: list[np.ndarray], return_probabilities: bool) -> list:
+        if not chunk:
+            return []
+        probs = self.probabilities_at_input_size(np.stack([self._prepare(im) for im in chunk]))
+        return [self._finish(probs[i], (int(im.shape[0]), int(im.shape[1])), return_probabilities)
+                for i, im in enumerate(chunk)]
+
+    def predict(self, image: Any, return_probabilities: bool = False):
+        """One image (array or path) -> label map (H, W) uint8 [, probabilities (K, H, W) float32]."""
+        return self.predict_batch([image], return_probabilities)[0]
+
+
+# ---------------------------------------------------------------------------- folders
+def overlay_image(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The image (gray or RGB) with each foreground class painted in its palette colour."""
+    img = to_uint8(np.asarray(image))
+    if img.ndim == 2:
+        img = np.repeat(img[:, :, None], 3, axis=2)
+    img = img[:, :, :3].astype(np.float32)
+    colours = PALETTE[np.asarray(labels, dtype=np.int64) % len(PALETTE)].astype(np.float32)
+    mask = (np.asarray(labels) > 0)[:, :, None]
+    out = np.where(mask, (1 - alpha) * img + alpha * colours, img)
+    return np.clip(np.round(out), 0, 255).astype(np.uint8)
+
+
+def list_images(input_dir: str | Path) -> list[Path]:
+    """Image files of a folder, sorted; duplicate case names or an empty folder are errors."""
+    input_dir = Path(input_dir)
+    if not input_dir.is_dir():
+        raise MedplanError("input folder not found", input_dir)
+    files = sorted(p for p in input_dir.iterdir() if is_image_file(p))
+    if not files:
+        raise MedplanError("no images in this folder (PNG, JPEG, TIFF, BMP, .mhd, .nii.gz, ...)", input_dir)
+    seen: dict[str, Path] = {}
+    for p in files:
+        stem = case_stem(p)
+        if stem in seen:
+            raise MedplanError(f"two images share the case name {stem!r} ({seen[stem].name})", p)
+        seen[stem] = p
+    return files
+
+
+def _save_case(out: Path, stem: str, image: np.ndarray, labels: np.ndarray, probs: np.ndarray | None,
+               want_overlay: bool) -> list[Path]:
+    written = [out / f"{stem}.png"]
+    atomic_write_png(written[0], labels)
+    if want_overlay:
+        written.append(out / f"{stem}_overlay.png")
+        atomic_write_png(written[-1], overlay_image(image, labels))
+    if probs is not None:
+        written.append(out / f"{stem}.npz")
+        tmp = out / f".{stem}.{uuid.uuid4().hex[:8]}.npz"
+        np.savez_compressed(tmp, probabilities=probs.astype(np.float32))
+        os.replace(tmp, written[-1])
+    return written
+
+
+def predict_folder(model_dir: str | Path | Predictor, input_dir: str | Path, output_dir: str | Path, *,
+                   folds: Sequence[int | str] | None = None, checkpoint: str = "best", device: str = "auto",
+                   tta: bool = False, save_probabilities: bool = False, overlay: bool = False,
+                   batch_size: int | None = None, progress: bool | None = None) -> list[Path]:
+    """Predict every image of ``input_dir`` into ``output_dir``: ``CASE.png`` (class indices at the
+    image's size), optionally ``CASE_overlay.png`` and ``CASE.npz`` (``probabilities``, (K, H, W)).
+
+    Files are written to a hidden staging folder inside ``output_dir`` and moved in only when
+    every image succeeded, so an error leaves ``output_dir`` as it was. Returns the label maps.
+    """
+    files = list_images(input_dir)
+    output_dir = Path(output_dir)
+    if output_dir.resolve() == Path(input_dir).resolve():
+        raise MedplanError("the output folder is the input folder; label maps would overwrite the images",
+                           output_dir)
+    predictor = model_dir if isinstance(model_dir, Predictor) else Predictor.from_folder(
+        model_dir, folds=folds, checkpoint=checkpoint, device=device, tta=tta, batch_size=batch_size)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = output_dir / f".medplan_predict.{uuid.uuid4().hex[:8]}.tmp"
+    staging.mkdir()
+    written: list[Path] = []
+    bs = predictor.batch_size
+    chunks = [files[i:i + bs] for i in range(0, len(files), bs)]
+    try:
+        from medplan.preprocessing import progress_bar
+
+        show = progress if progress is not None else True
+        with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+            load = lambda paths: [predictor.load(p) for p in paths]  # noqa: E731
+            pending = pool.submit(load, chunks[0])
+            for i in progress_bar(range(len(chunks)), total=len(chunks), desc="predict", enabled=show):
+                images = pending.result()
+                if i + 1 < len(chunks):
+                    pending = pool.submit(load, chunks[i + 1])  # read ahead while the network runs
+                results = predictor._predict_loaded(images, save_probabilities)
+                for path, image, res in zip(chunks[i], images, results):
+                    labels, probs = res if save_probabilities else (res, None)
+                    written += _save_case(staging, case_stem(path), image, labels, probs, overlay)
+        finals = []
+        for p in written:
+            final = output_dir / p.name
+            os.replace(p, final)
+            finals.append(final)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return [p for p in finals if p.suffix == ".png" and not p.name.endswith("_overlay.png")]
