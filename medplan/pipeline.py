@@ -11,8 +11,6 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
-import pandas as pd
-
 from medplan.errors import MedplanError
 from medplan.io import atomic_write_json, read_json
 from medplan.paths import preprocessed_dir
@@ -65,6 +63,8 @@ def _fingerprint(name: str, raw_dir: Path, out_dir: Path, options: dict[str, Any
 
 
 def _cases_and_groups(raw_dir: Path, plan: dict) -> tuple[list[str], list[str] | None]:
+    import pandas as pd  # imported here: training processes import this module and never need it
+
     table = pd.read_csv(raw_dir / "cases.csv", dtype=str, keep_default_na=False)
     excluded = set(plan["excluded_cases"])
     table = table[~table["case_id"].isin(excluded)]
@@ -109,7 +109,7 @@ def plan(name: str, *, overrides: dict[str, Any] | None = None, planner: str = "
     """Fingerprint, plan and split dataset ``name``; write fingerprint/plans/splits; return the plan."""
     from medplan.datasets import resolve_raw_dataset
 
-    raw_dir = resolve_raw_dataset(name)
+    raw_dir = resolve_raw_dataset(name, progress=progress)
     out_dir = preprocessed_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
     planner_fn = get_planner(planner)
