@@ -18,7 +18,7 @@ DEMO_NAME = "DemoCAMUS"
 
 
 def run_demo(root: str | Path | None = None, *, n_patients: int = 24, image_size: tuple[int, int] = (160, 128),
-             input_size: int = 128, arch: str = "unet_small", epochs: int = 40, lr: float = 1e-3,
+             input_size: int = 128, arch: str = "unet_small", epochs: int = 25, lr: float = 1e-3,
              fold: int = 0, device: str = "auto", num_workers: int | None = 0, progress: bool = True,
              log: Callable[[str], None] = print) -> dict[str, Any]:
     """Run the whole pipeline on synthetic data; return the fold's validation summary.

@@ -15,7 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", help="put downloads, raw, preprocessed and results under this folder "
                                        "(default: the MEDPLAN_* folders, ~/medplan_data when unset)")
     parser.add_argument("--patients", type=int, default=24, help="synthetic patients (4 images each; default 24)")
-    parser.add_argument("--epochs", type=int, default=40, help="training epochs (default 40)")
+    parser.add_argument("--epochs", type=int, default=25, help="training epochs (default 25)")
     parser.add_argument("--arch", default="unet_small", help="architecture (default unet_small)")
     parser.add_argument("--input-size", type=int, default=128, help="planned input size (default 128)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
