@@ -1,0 +1,184 @@
+"""Training and validation loaders over preprocessed uint8 arrays (tiny synthetic cases)."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from medplan.data import TrainLoader, iterate_validation
+from medplan.data.augmentation import AUGMENTATION_KEYS
+from medplan.errors import MedplanError
+
+SIZE = 32
+N_CASES = 10
+
+
+def make_plan(**aug) -> dict:
+    return {"channels": 1, "input_size": [SIZE, SIZE],
+            "normalization": {"scheme": "zscore", "mean": [100.0], "std": [50.0]},
+            "augmentation": {**AUGMENTATION_KEYS, **aug}}
+
+
+AUGMENTED = dict(rotation_deg=15.0, p_rotation=0.5, scale=[0.85, 1.15], p_scale=0.5, hflip=True,
+                 brightness=0.2, contrast=0.2, p_intensity=0.5, gamma=[0.8, 1.25], p_gamma=0.3,
+                 noise_std=0.03, p_noise=0.3, blur_sigma=[0.5, 1.0], p_blur=0.3)
+
+
+@pytest.fixture
+def data(tmp_path):
+    """10 cases, each image a constant grey value 10 * i (so a case is recognisable)."""
+    ids = [f"case_{i:02d}" for i in range(N_CASES)]
+    for i, case_id in enumerate(ids):
+        image = np.full((1, SIZE, SIZE), 10 * i, dtype=np.uint8)
+        image[0, :4, :4] = 255
+        seg = np.zeros((SIZE, SIZE), dtype=np.uint8)
+        seg[8:16, 8:16] = 1 + i % 2
+        np.save(tmp_path / f"{case_id}.npy", image)
+        np.save(tmp_path / f"{case_id}_seg.npy", seg)
+        (tmp_path / f"{case_id}.json").write_text(json.dumps(
+            {"case_id": case_id, "original_size": [SIZE, SIZE], "channels": 1, "plan_key": "test"}))
+    return tmp_path, ids
+
+
+def raw_image(case_id: str) -> torch.Tensor:
+    i = int(case_id.split("_")[1])
+    image = torch.full((1, SIZE, SIZE), 10.0 * i)
+    image[0, :4, :4] = 255
+    return image
+
+
+def collect(loader) -> list[dict]:
+    return [{"image": b["image"].clone(), "seg": b["seg"].clone(), "case_ids": b["case_ids"]} for b in loader]
+
+
+def test_batches_have_the_right_shapes_types_and_normalization(data):
+    ddir, ids = data
+    with TrainLoader(ddir, ids, make_plan(), batch_size=4, num_workers=0) as loader:
+        assert len(loader) == N_CASES // 4
+        batches = collect(loader)
+    assert len(batches) == 2
+    seen = [c for b in batches for c in b["case_ids"]]
+    assert len(seen) == 8 and len(set(seen)) == 8 and set(seen) <= set(ids)
+    for b in batches:
+        assert b["image"].shape == (4, 1, SIZE, SIZE) and b["image"].dtype == torch.float32
+        assert b["seg"].shape == (4, SIZE, SIZE) and b["seg"].dtype == torch.long
+        expected = torch.stack([(raw_image(c) - 100.0) / 50.0 for c in b["case_ids"]])
+        assert torch.allclose(b["image"], expected, atol=2e-3)  # float16 on the wire
+        assert set(b["seg"].unique().tolist()) <= {0, 1, 2}
+
+
+def test_two_workers_give_exactly_the_batches_of_the_main_process(data):
+    ddir, ids = data
+    plan = make_plan(**AUGMENTED)
+    with TrainLoader(ddir, ids, plan, batch_size=2, num_workers=0, seed=3) as loader:
+        loader.set_epoch(2)
+        inline = collect(loader)
+    loader = TrainLoader(ddir, ids, plan, batch_size=2, num_workers=2, seed=3)
+    try:
+        loader.set_epoch(2)
+        workers = collect(loader)
+        processes = list(loader._mta._processes)
+        assert processes and all(p.is_alive() for p in processes)
+    finally:
+        loader.close()
+    assert all(not p.is_alive() for p in processes)  # a clean close stops every worker
+    assert len(inline) == len(workers) == 5
+    for a, b in zip(inline, workers):
+        assert a["case_ids"] == b["case_ids"]
+        assert torch.equal(a["image"], b["image"]) and torch.equal(a["seg"], b["seg"])
+    # the augmentation did act (not an identity plan)
+    plain = torch.stack([(raw_image(c) - 100.0) / 50.0 for b in inline for c in b["case_ids"]])
+    assert not torch.allclose(torch.cat([b["image"] for b in inline]), plain, atol=1e-2)
+
+
+def test_set_epoch_reproduces_an_epoch_and_epochs_differ(data):
+    ddir, ids = data
+    plan = make_plan(**AUGMENTED)
+    with TrainLoader(ddir, ids, plan, batch_size=2, num_workers=2, seed=5) as loader:
+        first = collect(loader)        # epoch 0
+        second = collect(loader)       # advances to epoch 1 by itself; workers ran ahead
+        loader.set_epoch(0)
+        again = collect(loader)        # jumping back restarts the workers
+    with TrainLoader(ddir, ids, plan, batch_size=2, num_workers=0, seed=5) as resumed:
+        resumed.set_epoch(1)           # a run resumed at epoch 1
+        resumed_second = collect(resumed)
+    order = lambda bs: [c for b in bs for c in b["case_ids"]]  # noqa: E731
+    assert order(first) == order(again) and order(first) != order(second)
+    assert order(second) == order(resumed_second)
+    for a, b in zip(first, again):
+        assert torch.equal(a["image"], b["image"])
+    for a, b in zip(second, resumed_second):
+        assert torch.equal(a["image"], b["image"])
+    assert sorted(order(first)) == sorted(set(order(first)))  # no case twice within an epoch
+
+
+def test_leaving_an_epoch_early_then_continuing_restarts_cleanly(data):
+    ddir, ids = data
+    with TrainLoader(ddir, ids, make_plan(**AUGMENTED), batch_size=2, num_workers=2, seed=1) as loader:
+        for _ in loader:
+            break                      # half-read epoch 0
+        loader.set_epoch(1)
+        partial_then_full = collect(loader)
+    with TrainLoader(ddir, ids, make_plan(**AUGMENTED), batch_size=2, num_workers=0, seed=1) as ref:
+        ref.set_epoch(1)
+        expected = collect(ref)
+    assert [b["case_ids"] for b in partial_then_full] == [b["case_ids"] for b in expected]
+
+
+def test_fewer_cases_than_a_batch_still_fill_one_batch(data):
+    ddir, ids = data
+    with TrainLoader(ddir, ids[:3], make_plan(), batch_size=4, num_workers=0) as loader:
+        assert len(loader) == 1
+        (batch,) = collect(loader)
+    assert batch["image"].shape[0] == 4 and set(batch["case_ids"]) == set(ids[:3])
+    with TrainLoader(ddir, ids, make_plan(), batch_size=4, num_workers=0, drop_last=False) as loader:
+        assert len(loader) == 3
+        sizes = [b["image"].shape[0] for b in loader]
+    assert sizes == [4, 4, 2]
+
+
+def test_missing_case_is_an_error_at_construction(data):
+    ddir, ids = data
+    with pytest.raises(MedplanError, match="case_99"):
+        TrainLoader(ddir, ids + ["case_99"], make_plan(), batch_size=2, num_workers=0)
+    with pytest.raises(MedplanError, match="plan expects"):
+        TrainLoader(ddir, ids, {**make_plan(), "input_size": [16, 16]}, batch_size=2, num_workers=0)
+
+
+def test_an_error_in_a_worker_is_raised_in_the_main_process(data):
+    ddir, ids = data
+    loader = TrainLoader(ddir, ids, make_plan(), batch_size=2, num_workers=2)
+    (ddir / f"{ids[3]}.npy").write_bytes(b"not a numpy file")  # corrupted after the checks
+    with pytest.raises(MedplanError, match=ids[3]):
+        for _ in range(3):
+            collect(loader)
+    assert loader._mta is None  # the workers were stopped
+    loader.close()
+
+
+def test_validation_covers_every_case_once_in_order_without_augmentation(data):
+    ddir, ids = data
+    plan = make_plan(**AUGMENTED, vflip=True)
+    batches = list(iterate_validation(ddir, ids, plan, batch_size=4, device="cpu"))
+    assert [b["image"].shape[0] for b in batches] == [4, 4, 2]
+    assert [c for b in batches for c in b["case_ids"]] == ids
+    images = torch.cat([b["image"] for b in batches])
+    expected = torch.stack([(raw_image(c) - 100.0) / 50.0 for c in ids])
+    assert torch.allclose(images, expected, atol=1e-6) and images.dtype == torch.float32
+    segs = torch.cat([b["seg"] for b in batches])
+    assert segs.dtype == torch.long and int(segs[1, 10, 10]) == 2 and int(segs[0, 10, 10]) == 1
+
+
+def test_augmenting_on_the_device_matches_augmenting_in_the_workers(data):
+    """Same function, same per-batch generator: the two modes differ only by float16 on the wire."""
+    ddir, ids = data
+    plan = make_plan(**AUGMENTED)
+    with TrainLoader(ddir, ids, plan, batch_size=2, num_workers=2, seed=9, augment_on="device") as loader:
+        on_device = collect(loader)
+    with TrainLoader(ddir, ids, plan, batch_size=2, num_workers=0, seed=9, augment_on="workers") as loader:
+        in_workers = collect(loader)
+    for a, b in zip(on_device, in_workers):
+        assert a["case_ids"] == b["case_ids"] and torch.equal(a["seg"], b["seg"])
+        assert torch.allclose(a["image"], b["image"], atol=5e-3)
