@@ -1,0 +1,368 @@
+"""Dataset inspection (``fingerprint.json``) and duplicate filtering (``duplicates.csv``).
+
+Every image is decoded once, in worker processes, and everything that needs its pixels is
+done in that pass: validation, per-channel 256-bin histograms (exact mean, std and
+percentiles for uint8), the label histogram, byte and pixel digests, the perceptual hash,
+the sector-scan evidence and, when an input size is given, the resized arrays of
+:mod:`medplan.preprocessing`. Workers hand back small records, never pixels; the per-case
+histograms, needed to leave duplicates out of the statistics once they are known, go to a
+temporary memory-mapped file, so memory does not grow with the number of images.
+"""
+from __future__ import annotations
+
+import contextlib
+import csv
+import tempfile
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import Image, ImageChops
+
+import medplan
+from medplan.duplicates import (DEFAULT_HASH, DEFAULT_HASH_SIZE, DEFAULT_THRESHOLD, bytes_digest,
+                                check_hash_options, find_duplicates, perceptual_hash, pixel_digest,
+                                write_duplicates_csv)
+from medplan.errors import MedplanError
+from medplan.io import atomic_write_json, case_stem, image_suffix, IMAGE_SUFFIXES, read_image, read_json
+from medplan.preprocessing import (_size, clean_data_dir, data_dir, run_tasks, write_case)
+
+# A stored-RGB image counts as gray when fewer than GRAY_MAX_COLOR_SHARE of its pixels have
+# channels that differ by more than GRAY_TOLERANCE (JPEG round trips of gray images differ by
+# 1-3 grey levels; a tiny share tolerates a coloured caliper mark or text overlay).
+GRAY_TOLERANCE = 10
+GRAY_MAX_COLOR_SHARE = 0.001
+# Near-black level and the top-corner regions probed for a sector (cone) acquisition: with the
+# apex at the top centre, the top quarter of the outer fifths lies outside any usual sector.
+BLACK_LEVEL = 5
+CORNER_ROWS = 0.25
+CORNER_COLS = 0.2
+FINGERPRINT_FILE = "fingerprint.json"
+DUPLICATES_FILE = "duplicates.csv"
+
+
+@dataclass
+class RawIndex:
+    """What a raw dataset folder declares, checked against what is on disk."""
+
+    raw_dir: Path
+    dataset: dict
+    case_ids: list[str]
+    groups: dict[str, str]
+    group_column: str | None
+    labels: dict[str, int]
+    channels: int | None
+    image_paths: dict[str, Path] = field(default_factory=dict)
+    label_paths: dict[str, Path] = field(default_factory=dict)
+
+
+def _list_images(folder: Path) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.name.startswith(".") or not path.is_file() or image_suffix(path) not in IMAGE_SUFFIXES:
+            continue
+        stem = case_stem(path)
+        if stem in found:
+            raise MedplanError(f"two files for case {stem!r} ({found[stem].name}, {path.name})", path)
+        found[stem] = path
+    return found
+
+
+def load_raw_index(raw_dir: str | Path) -> RawIndex:
+    """Read dataset.json and cases.csv and check them against images/ and labels/."""
+    raw_dir = Path(raw_dir)
+    if not raw_dir.is_dir():
+        raise MedplanError("raw dataset folder not found", raw_dir)
+    ds_path, csv_path = raw_dir / "dataset.json", raw_dir / "cases.csv"
+    dataset = read_json(ds_path)
+    if not isinstance(dataset, dict):
+        raise MedplanError("expected a JSON object", ds_path)
+    labels = dataset.get("labels")
+    if not isinstance(labels, dict) or not labels:
+        raise MedplanError("'labels' must be a non-empty {name: index} object", ds_path)
+    try:
+        labels = {str(k): int(v) for k, v in labels.items()}
+    except (TypeError, ValueError):
+        raise MedplanError("label indices must be integers", ds_path) from None
+    if sorted(labels.values()) != list(range(len(labels))):
+        raise MedplanError(f"label indices must be 0..{len(labels) - 1} without gaps, got {sorted(labels.values())}",
+                           ds_path)
+    channels = dataset.get("channels")
+    if channels is not None and channels not in (1, 3):
+        raise MedplanError(f"'channels' must be 1 or 3, got {channels!r}", ds_path)
+    if not csv_path.is_file():
+        raise MedplanError("file not found", csv_path)
+    with open(csv_path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    if "case_id" not in columns:
+        raise MedplanError("missing column 'case_id'", csv_path)
+    group_column = dataset.get("group_column")
+    if group_column is not None and group_column not in columns:
+        raise MedplanError(f"dataset.json names group column {group_column!r} but cases.csv has no such column",
+                           csv_path)
+    case_ids: list[str] = []
+    groups: dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):
+        case_id = (row.get("case_id") or "").strip()
+        if not case_id:
+            raise MedplanError(f"empty case_id on line {line}", csv_path)
+        if case_id in groups:
+            raise MedplanError(f"case_id {case_id!r} appears twice (line {line})", csv_path)
+        groups[case_id] = (row.get(group_column) or "").strip() or case_id if group_column else case_id
+        case_ids.append(case_id)
+    if not case_ids:
+        raise MedplanError("no cases listed", csv_path)
+    declared_n = dataset.get("num_cases")
+    if declared_n is not None and int(declared_n) != len(case_ids):
+        raise MedplanError(f"num_cases is {declared_n} but cases.csv lists {len(case_ids)} cases", ds_path)
+    index = RawIndex(raw_dir, dataset, case_ids, groups, group_column, labels, channels)
+    for sub, paths in (("images", index.image_paths), ("labels", index.label_paths)):
+        folder = raw_dir / sub
+        if not folder.is_dir():
+            raise MedplanError("folder not found", folder)
+        found = _list_images(folder)
+        for case_id in case_ids:
+            if case_id not in found:
+                raise MedplanError(f"{sub[:-1]} missing for case {case_id!r} listed in cases.csv", folder / f"{case_id}.png")
+            paths[case_id] = found[case_id]
+        extra = sorted(set(found) - set(groups))
+        if extra:
+            raise MedplanError(f"not listed in cases.csv ({len(extra)} such file(s) in {sub}/)", found[extra[0]])
+    return index
+
+
+def _scan_case(task: tuple) -> dict:
+    """Worker: decode one case once and compute everything the fingerprint needs."""
+    case_id, image_path, label_path, opt = task
+    try:
+        return _scan(case_id, Path(image_path), Path(label_path), opt)
+    except MedplanError as exc:  # handed back as text: the parent raises it after stopping the pool
+        return {"case_id": case_id, "error": str(exc)}
+
+
+def _scan(case_id: str, image_path: Path, label_path: Path, opt: dict) -> dict:
+    data = image_path.read_bytes()
+    image = read_image(image_path)
+    if image.dtype != np.uint8:
+        raise MedplanError(f"expected an 8-bit image, got {image.dtype}", image_path)
+    if image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+        raise MedplanError(f"expected a gray or RGB image, got shape {image.shape}", image_path)
+    stored = 1 if image.ndim == 2 else 3
+    if opt["channels"] is not None and stored != opt["channels"]:
+        raise MedplanError(f"image has {stored} channel(s) but dataset.json declares {opt['channels']}", image_path)
+    label = read_image(label_path)
+    if label.ndim != 2:
+        raise MedplanError(f"label must be a single-channel (class index) image, got shape {label.shape}", label_path)
+    if label.dtype != np.uint8:
+        raise MedplanError(f"expected an 8-bit label image, got {label.dtype}", label_path)
+    if label.shape != image.shape[:2]:
+        raise MedplanError(f"label size {list(label.shape)} != image size {list(image.shape[:2])}", label_path)
+    label_hist = np.asarray(Image.fromarray(label, mode="L").histogram(), dtype=np.int64)
+    n_classes = opt["n_classes"]
+    bad = np.nonzero(label_hist[n_classes:])[0] + n_classes
+    if bad.size:
+        raise MedplanError(f"label values {bad.tolist()} are not declared classes 0..{n_classes - 1}", label_path)
+
+    # PIL's C histograms and channel arithmetic are several times faster than numpy here
+    hist = np.zeros((4, 256), dtype=np.uint32)  # stored channels in 0..2, luma (gray) in 3
+    if stored == 1:
+        gray_pil = Image.fromarray(image, mode="L")
+        hist[:] = gray_pil.histogram()  # as RGB too (R=G=B), for sets that mix gray and RGB
+        color_share = 0.0
+    else:
+        rgb_pil = Image.fromarray(image, mode="RGB")
+        hist[:3] = np.asarray(rgb_pil.histogram(), dtype=np.uint32).reshape(3, 256)
+        gray_pil = rgb_pil.convert("L")
+        hist[3] = gray_pil.histogram()
+        r, g, b = rgb_pil.split()
+        spread = ImageChops.lighter(ImageChops.difference(r, g), ImageChops.difference(g, b))
+        color_share = float(sum(spread.histogram()[GRAY_TOLERANCE + 1:])) / (image.shape[0] * image.shape[1])
+    gray = np.asarray(gray_pil)
+    h, w = gray.shape
+    ch, cw = max(1, round(h * CORNER_ROWS)), max(1, round(w * CORNER_COLS))
+    corners = np.concatenate([gray[:ch, :cw].ravel(), gray[:ch, w - cw:].ravel()])
+    border_black = float(np.count_nonzero(corners <= BLACK_LEVEL)) / corners.size
+    is_gray = stored == 1 or color_share <= GRAY_MAX_COLOR_SHARE
+    phash = perceptual_hash(gray_pil, opt["hash_name"], opt["hash_size"])
+
+    array_channels = None
+    if opt["data_dir"] is not None:
+        # Channels the planner will choose if the whole set agrees with this image: a gray
+        # image (stored gray or R=G=B) goes in as 1 channel, a colour one as 3. Cases that
+        # guess wrong (a gray image in a colour set) are redone by preprocess_dataset.
+        array_channels = 1 if is_gray else 3
+        write_case(opt["data_dir"], case_id, gray if array_channels == 1 else image, label,
+                   opt["input_size"], array_channels)
+    return {
+        "case_id": case_id, "error": None,
+        "size": (int(h), int(w)), "channels": stored,
+        "bytes_digest": bytes_digest(data), "pixel_digest": pixel_digest(image), "phash": phash,
+        "hist": hist, "label_counts": label_hist[:n_classes].astype(np.int64),
+        "color_share": color_share, "is_gray": is_gray, "border_black": border_black,
+        "array_channels": array_channels,
+    }
+
+
+def _stats_from_hist(hist: np.ndarray) -> dict[str, float]:
+    """Exact mean/std and inverted-CDF 0.5/99.5 percentiles of uint8 values from a histogram."""
+    counts = [int(c) for c in hist]
+    n = sum(counts)
+    if n == 0:
+        return {"mean": 0.0, "std": 0.0, "p005": 0.0, "p995": 0.0}
+    s1 = sum(v * c for v, c in enumerate(counts))
+    s2 = sum(v * v * c for v, c in enumerate(counts))
+    var = (n * s2 - s1 * s1) / (n * n)  # exact integer numerator
+    cdf = np.cumsum(np.asarray(hist, dtype=np.int64))
+    return {"mean": s1 / n, "std": max(var, 0.0) ** 0.5,
+            "p005": float(np.searchsorted(cdf, 0.005 * n)), "p995": float(np.searchsorted(cdf, 0.995 * n))}
+
+
+def fingerprint_dataset(raw_dir: str | Path, out_dir: str | Path, *, hash_name: str = DEFAULT_HASH,
+                        hash_size: int = DEFAULT_HASH_SIZE, threshold: int = DEFAULT_THRESHOLD,
+                        input_size: tuple[int, int] | None = (512, 512), num_workers: int | None = None,
+                        progress: bool = True) -> dict:
+    """Inspect a raw dataset, find duplicates and (optionally) write the arrays, in one pass.
+
+    Writes ``out_dir/duplicates.csv`` and ``out_dir/fingerprint.json`` (atomically, after the
+    whole pass succeeded) and returns the fingerprint. With ``input_size``, the arrays of
+    :mod:`medplan.preprocessing` are written for every kept case in the same pass.
+    """
+    check_hash_options(hash_name, hash_size, threshold)
+    raw = load_raw_index(raw_dir)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ddir = data_dir(out_dir, input_size) if input_size is not None else None
+    if ddir is not None:
+        ddir.mkdir(parents=True, exist_ok=True)
+    opt = {"channels": raw.channels, "n_classes": len(raw.labels), "hash_name": hash_name,
+           "hash_size": int(hash_size), "data_dir": None if ddir is None else str(ddir),
+           "input_size": None if input_size is None else _size(input_size)}
+    ids = raw.case_ids
+    n = len(ids)
+    tasks = [(c, str(raw.image_paths[c]), str(raw.label_paths[c]), opt) for c in ids]
+    records: list[dict] = []
+    with tempfile.TemporaryFile(dir=out_dir, prefix=".fingerprint_hist.", suffix=".tmp") as tmp:
+        hists = np.memmap(tmp, dtype=np.uint32, mode="w+", shape=(n, 4, 256))
+        with contextlib.closing(run_tasks(_scan_case, tasks, num_workers=num_workers, desc="fingerprint",
+                                          progress=progress)) as results:
+            for i, rec in enumerate(results):
+                if rec["error"] is not None:
+                    raise MedplanError(rec["error"])
+                hists[i] = rec.pop("hist")
+                records.append(rec)
+        dups = find_duplicates(ids, [r["bytes_digest"] for r in records], [r["pixel_digest"] for r in records],
+                               [r["phash"] for r in records], threshold)
+        dropped = {d.case_id for d in dups}
+        kept_idx = np.array([i for i, c in enumerate(ids) if c not in dropped], dtype=np.int64)
+        total = np.zeros((4, 256), dtype=np.int64)
+        for start in range(0, kept_idx.size, 4096):
+            total += np.asarray(hists[kept_idx[start:start + 4096]], dtype=np.int64).sum(axis=0)
+        del hists
+    fingerprint = _summarise(raw, records, kept_idx, total, dups, hash_name, hash_size, threshold, input_size)
+    if ddir is not None:
+        clean_data_dir(ddir, [ids[i] for i in kept_idx])
+    write_duplicates_csv(out_dir / DUPLICATES_FILE, dups)
+    atomic_write_json(out_dir / FINGERPRINT_FILE, fingerprint)
+    return fingerprint
+
+
+def _summarise(raw: RawIndex, records: list[dict], kept_idx: np.ndarray, total: np.ndarray, dups: list,
+               hash_name: str, hash_size: int, threshold: int, input_size: Sequence[int] | None) -> dict[str, Any]:
+    kept = [records[i] for i in kept_idx]
+    n_kept = len(kept)
+    stored = raw.channels or (3 if any(r["channels"] == 3 for r in records) else 1)
+    rgb_is_gray = stored == 3 and n_kept > 0 and all(r["is_gray"] for r in kept)
+    seen = 1 if stored == 1 or rgb_is_gray else 3
+    channel_hists = [total[3]] if seen == 1 else [total[0], total[1], total[2]]
+    stats = [_stats_from_hist(h) for h in channel_hists]
+
+    sizes = np.array([r["size"] for r in kept], dtype=np.int64).reshape(-1, 2)
+    label_counts = np.array([r["label_counts"] for r in kept], dtype=np.int64).reshape(-1, len(raw.labels))
+    pixel_count = label_counts.sum(axis=0)
+    total_pixels = max(int(pixel_count.sum()), 1)
+    names = sorted(raw.labels, key=raw.labels.get)
+    groups = [raw.groups[r["case_id"]] for r in kept]
+    group_sizes = np.unique(groups, return_counts=True)[1] if groups else np.zeros(0, dtype=np.int64)
+    by_reason = {reason: sum(d.reason == reason for d in dups) for reason in ("identical_bytes", "identical_pixels",
+                                                                               "phash")}
+    dropped = {d.case_id: d for d in dups}
+    per_case = {}
+    for r in records:
+        entry: dict[str, Any] = {"size": list(r["size"]), "channels": r["channels"],
+                                 "group": raw.groups[r["case_id"]],
+                                 "classes_present": [names[k] for k in np.nonzero(r["label_counts"])[0]],
+                                 "border_black": round(r["border_black"], 4),
+                                 "phash": r["phash"].hex(), "bytes_digest": r["bytes_digest"]}
+        if r["channels"] == 3:
+            entry["color_share"] = round(r["color_share"], 6)
+        if r["case_id"] in dropped:
+            entry["duplicate_of"] = dropped[r["case_id"]].kept_case_id
+        per_case[r["case_id"]] = entry
+
+    def median(col: int) -> int:
+        return int(round(float(np.median(sizes[:, col])))) if n_kept else 0
+
+    return {
+        "dataset": raw.dataset.get("name", raw.raw_dir.name),
+        "modality": raw.dataset.get("modality", "unknown"),
+        "source_format": raw.dataset.get("source_format"),
+        "num_cases": len(records),
+        "num_kept": n_kept,
+        "channels": stored,
+        "rgb_is_gray": bool(rgb_is_gray),
+        "channels_seen": seen,
+        "color_evidence": {
+            "gray_tolerance": GRAY_TOLERANCE, "max_color_share_for_gray": GRAY_MAX_COLOR_SHARE,
+            "n_color_cases": int(sum(not r["is_gray"] for r in kept)),
+            "max_color_share": round(max((r["color_share"] for r in kept), default=0.0), 6),
+        },
+        "sizes": {
+            "median": [median(0), median(1)],
+            "min": sizes.min(axis=0).tolist() if n_kept else [0, 0],
+            "max": sizes.max(axis=0).tolist() if n_kept else [0, 0],
+            "n_unique": int(len({tuple(s) for s in sizes.tolist()})),
+        },
+        "intensity": {
+            "channels": seen,
+            "source": "luma of the stored RGB (R=G=B)" if rgb_is_gray else ("RGB" if seen == 3 else "gray"),
+            "mean": [s["mean"] for s in stats],
+            "std": [s["std"] for s in stats],
+            "percentile_00_5": [s["p005"] for s in stats],
+            "percentile_99_5": [s["p995"] for s in stats],
+            "n_pixels": int(channel_hists[0].sum()),
+        },
+        "labels": {
+            "declared": dict(raw.labels),
+            "values_found": [int(v) for v in np.nonzero(pixel_count)[0]],
+            "pixel_count": {name: int(pixel_count[raw.labels[name]]) for name in names},
+            "pixel_share": {name: float(pixel_count[raw.labels[name]]) / total_pixels for name in names},
+            "presence": {name: (float(np.count_nonzero(label_counts[:, raw.labels[name]])) / n_kept if n_kept else 0.0)
+                         for name in names},
+        },
+        "groups": {
+            "column": raw.group_column,
+            "n_groups": int(group_sizes.size),
+            "max_cases_per_group": int(group_sizes.max()) if group_sizes.size else 0,
+            "has_groups": bool(group_sizes.size < n_kept),
+        },
+        "border_black_fraction": float(np.mean([r["border_black"] for r in kept])) if n_kept else 0.0,
+        "border_black_region": {"rows": CORNER_ROWS, "cols": CORNER_COLS, "level": BLACK_LEVEL},
+        "duplicates": {
+            "hash": hash_name, "hash_size": int(hash_size), "threshold": int(threshold),
+            "n_dropped": len(dups), "dropped": [d.case_id for d in dups], "by_reason": by_reason,
+        },
+        "arrays": None if input_size is None else {
+            "input_size": list(_size(input_size)),
+            "channels_by_case": {"1": int(sum(r["array_channels"] == 1 for r in kept)),
+                                 "3": int(sum(r["array_channels"] == 3 for r in kept))},
+        },
+        "per_case": per_case,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "medplan_version": medplan.__version__,
+    }
