@@ -27,7 +27,7 @@ from medplan.duplicates import (DEFAULT_HASH, DEFAULT_HASH_SIZE, DEFAULT_THRESHO
                                 write_duplicates_csv)
 from medplan.errors import MedplanError
 from medplan.io import atomic_write_json, case_stem, image_suffix, IMAGE_SUFFIXES, read_image, read_json
-from medplan.preprocessing import (_size, clean_data_dir, data_dir, run_tasks, write_case)
+from medplan.preprocessing import as_input_size, clean_data_dir, data_dir, run_tasks, write_case
 
 # A stored-RGB image counts as gray when fewer than GRAY_MAX_COLOR_SHARE of its pixels have
 # channels that differ by more than GRAY_TOLERANCE (JPEG round trips of gray images differ by
@@ -242,7 +242,7 @@ def fingerprint_dataset(raw_dir: str | Path, out_dir: str | Path, *, hash_name: 
         ddir.mkdir(parents=True, exist_ok=True)
     opt = {"channels": raw.channels, "n_classes": len(raw.labels), "hash_name": hash_name,
            "hash_size": int(hash_size), "data_dir": None if ddir is None else str(ddir),
-           "input_size": None if input_size is None else _size(input_size)}
+           "input_size": None if input_size is None else as_input_size(input_size)}
     ids = raw.case_ids
     n = len(ids)
     tasks = [(c, str(raw.image_paths[c]), str(raw.label_paths[c]), opt) for c in ids]
@@ -358,7 +358,7 @@ def _summarise(raw: RawIndex, records: list[dict], kept_idx: np.ndarray, total: 
             "n_dropped": len(dups), "dropped": [d.case_id for d in dups], "by_reason": by_reason,
         },
         "arrays": None if input_size is None else {
-            "input_size": list(_size(input_size)),
+            "input_size": list(as_input_size(input_size)),
             "channels_by_case": {"1": int(sum(r["array_channels"] == 1 for r in kept)),
                                  "3": int(sum(r["array_channels"] == 3 for r in kept))},
         },

@@ -32,7 +32,8 @@ IMAGE_RESAMPLE = Image.BILINEAR  # antialiased on downsampling (kernel support s
 LABEL_RESAMPLE = Image.NEAREST
 
 
-def _size(input_size: Sequence[int]) -> tuple[int, int]:
+def as_input_size(input_size: Sequence[int]) -> tuple[int, int]:
+    """``(h, w)`` as ints; a clear error for anything else (plans come from files users edit)."""
     if input_size is None or len(input_size) != 2 or any(int(s) < 1 for s in input_size):
         raise MedplanError(f"input_size must be two positive integers (h, w), got {input_size!r}")
     return int(input_size[0]), int(input_size[1])
@@ -40,13 +41,13 @@ def _size(input_size: Sequence[int]) -> tuple[int, int]:
 
 def data_dir(out_dir: str | Path, input_size: Sequence[int]) -> Path:
     """Folder of the arrays for one input size: ``out_dir/data_{h}x{w}``."""
-    h, w = _size(input_size)
+    h, w = as_input_size(input_size)
     return Path(out_dir) / f"data_{h}x{w}"
 
 
 def plan_key(input_size: Sequence[int], channels: int) -> str:
     """What an array depends on besides the raw image: size, channels, array format version."""
-    h, w = _size(input_size)
+    h, w = as_input_size(input_size)
     return f"v{ARRAY_FORMAT_VERSION}-{h}x{w}-c{int(channels)}"
 
 
@@ -67,7 +68,7 @@ def prepare_image(image: np.ndarray | Image.Image, input_size: Sequence[int], ch
 
     RGB -> gray uses ITU-R 601 luma (PIL ``convert("L")``); gray -> RGB repeats the channel.
     """
-    h, w = _size(input_size)
+    h, w = as_input_size(input_size)
     if channels not in (1, 3):
         raise MedplanError(f"channels must be 1 or 3, got {channels}")
     pil = image if isinstance(image, Image.Image) else _to_pil(image)
@@ -83,7 +84,7 @@ def prepare_image(image: np.ndarray | Image.Image, input_size: Sequence[int], ch
 
 def prepare_label(label: np.ndarray, input_size: Sequence[int]) -> np.ndarray:
     """(H, W) class-index map -> (h, w) uint8, nearest neighbour (only values that were there)."""
-    h, w = _size(input_size)
+    h, w = as_input_size(input_size)
     if label.ndim != 2:
         raise MedplanError(f"expected an (H, W) label map, got shape {label.shape}")
     if label.dtype != np.uint8:
@@ -293,7 +294,7 @@ def preprocess_dataset(raw_dir: str | Path, out_dir: str | Path, plan: dict, *, 
     from medplan.fingerprint import load_raw_index
 
     raw = load_raw_index(raw_dir)
-    input_size = _size(plan.get("input_size") or ())
+    input_size = as_input_size(plan.get("input_size") or ())
     channels = int(plan.get("channels", 0))
     if channels not in (1, 3):
         raise MedplanError(f"plan channels must be 1 or 3, got {plan.get('channels')!r}")

@@ -34,18 +34,7 @@ import torch
 import torch.nn.functional as F
 
 from medplan.errors import MedplanError
-
-# Every key of plans.json["augmentation"] with the value that switches it off.
-AUGMENTATION_KEYS: dict[str, object] = {
-    "rotation_deg": 0.0, "p_rotation": 0.0,
-    "scale": [1.0, 1.0], "p_scale": 0.0,
-    "hflip": False, "vflip": False, "rot90": False,
-    "brightness": 0.0, "contrast": 0.0, "p_intensity": 0.0,
-    "saturation": 0.0, "hue": 0.0, "p_color": 0.0,
-    "gamma": [1.0, 1.0], "p_gamma": 0.0,
-    "noise_std": 0.0, "p_noise": 0.0,
-    "blur_sigma": [0.5, 1.0], "p_blur": 0.0,
-}
+from medplan.planners.schema import AUGMENTATION_OFF as AUGMENTATION_KEYS
 
 # RGB <-> YIQ (NTSC). Y is the ITU-R 601 luma, so scaling I and Q by s is exactly torchvision's
 # saturation (a blend with the grey image), and turning the (I, Q) plane shifts the hue.

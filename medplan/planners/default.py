@@ -8,11 +8,13 @@ normalization and the augmentation pipeline. Every decision carries its reason.
 """
 from __future__ import annotations
 
+import copy
 from datetime import datetime
 from pathlib import Path
 
 import medplan
 from medplan.planners import register_planner
+from medplan.planners.schema import AUGMENTATION_OFF
 
 INPUT_SIZE = [512, 512]
 BATCH_SIZE = 8
@@ -32,18 +34,6 @@ ORIENTATION_FREE = {"dermoscopy", "endoscopy"}
 CONE_EVIDENCE = 0.5  # share of near-black pixels in the top corners above which we see a sector scan
 
 
-def _off() -> dict:
-    return {
-        "rotation_deg": 0.0, "p_rotation": 0.0, "scale": [1.0, 1.0], "p_scale": 0.0,
-        "hflip": False, "vflip": False, "rot90": False,
-        "brightness": 0.0, "contrast": 0.0, "p_intensity": 0.0,
-        "saturation": 0.0, "hue": 0.0, "p_color": 0.0,
-        "gamma": [1.0, 1.0], "p_gamma": 0.0,
-        "noise_std": 0.0, "p_noise": 0.0,
-        "blur_sigma": [0.5, 1.0], "p_blur": 0.0,
-    }
-
-
 def infer_image_modality(fingerprint: dict, hint: str | None) -> tuple[str, str]:
     """Which acquisition the images come from, and why we think so."""
     if hint and hint != "unknown":
@@ -58,7 +48,7 @@ def infer_image_modality(fingerprint: dict, hint: str | None) -> tuple[str, str]
 
 def choose_augmentation(image_modality: str, rgb: bool) -> tuple[dict, str]:
     """Augmentation pipeline for the acquisition: orientation and colour rules, then intensity."""
-    aug = _off()
+    aug = copy.deepcopy(AUGMENTATION_OFF)
     aug.update({"brightness": 0.2, "contrast": 0.2, "p_intensity": 0.5, "gamma": [0.8, 1.25], "p_gamma": 0.3,
                 "scale": [0.85, 1.15], "p_scale": 0.5, "p_blur": 0.1})
     if image_modality in CANONICAL_ORIENTATION:

@@ -16,6 +16,19 @@ REQUIRED_KEYS = (
 )
 LOSSES = ("bce", "ce")
 
+# Every key of plans.json["augmentation"], with the value that switches it off (the data
+# pipeline reads the same table, so planner and augmenter cannot drift apart).
+AUGMENTATION_OFF: dict[str, object] = {
+    "rotation_deg": 0.0, "p_rotation": 0.0,
+    "scale": [1.0, 1.0], "p_scale": 0.0,
+    "hflip": False, "vflip": False, "rot90": False,
+    "brightness": 0.0, "contrast": 0.0, "p_intensity": 0.0,
+    "saturation": 0.0, "hue": 0.0, "p_color": 0.0,
+    "gamma": [1.0, 1.0], "p_gamma": 0.0,
+    "noise_std": 0.0, "p_noise": 0.0,
+    "blur_sigma": [0.5, 1.0], "p_blur": 0.0,
+}
+
 
 def finalize_plan(plan: dict, source: str | Path = "plans.json") -> dict:
     """Recompute derived keys and validate; raise MedplanError naming ``source`` on problems."""

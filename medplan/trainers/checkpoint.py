@@ -7,9 +7,7 @@ moment leaves the previous checkpoint or the new one, never half a file.
 """
 from __future__ import annotations
 
-import os
 import random
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +15,15 @@ import numpy as np
 import torch
 
 from medplan.errors import MedplanError
+from medplan.io import atomic_open
 
 CHECKPOINT_FORMAT = "medplan-checkpoint-1"
 
 
 def save_checkpoint(path: str | Path, state: dict[str, Any]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    """Atomic: a kill mid-write leaves the previous checkpoint, never a truncated one."""
+    with atomic_open(path) as f:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, f)
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
