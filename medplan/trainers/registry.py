@@ -41,10 +41,25 @@ def register_trainer(name: str) -> Callable[[T], T]:
 
 
 def _load_entry_points() -> None:
+    """Import the built-in per-architecture trainer modules of this package, then plug-ins."""
     global _entry_points_loaded
     if _entry_points_loaded:
         return
     _entry_points_loaded = True
+    import importlib
+    import pkgutil
+
+    import medplan.trainers as package
+
+    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
+        if not info.name.startswith("_"):
+            try:
+                importlib.import_module(f"medplan.trainers.{info.name}")
+            except Exception as exc:  # an optional dependency missing must not hide the other trainers
+                import warnings
+
+                warnings.warn(f"trainer module medplan.trainers.{info.name} failed to import: {exc}",
+                              RuntimeWarning, stacklevel=2)
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         if ep.name in _TRAINERS:
             continue
