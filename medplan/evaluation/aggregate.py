@@ -278,3 +278,51 @@ def gather_all_folds(results_root: str | Path | None = None, *, recompute: bool 
     df = pd.concat(tables, ignore_index=True, sort=False)
     cols = [c for c in ID_COLUMNS if c in df.columns] + metric_columns(df)
     return df[cols]
+
+
+# ---------------------------------------------------------------------------- pointing game (medplan_explain)
+#: per-case Grad-CAM energy inside the GT, written by medplan.explain
+POINTING_GAME_FILES = ("fold_*/explain/pointing_game.csv", "explain_mean/pointing_game.csv")
+
+
+def gather_pointing_game(results_root: str | Path | None = None, *, datasets: Iterable[str] | None = None,
+                         archs: Iterable[str] | None = None) -> pd.DataFrame:
+    """Every per-case, per-class pointing-game row of ``medplan_explain`` (empty when none)."""
+    root = _results_root(results_root)
+    want_d, want_a = (set(datasets) if datasets else None), (set(archs) if archs else None)
+    frames = []
+    if root.is_dir():
+        for ddir in sorted(p for p in root.iterdir() if p.is_dir() and (want_d is None or p.name in want_d)):
+            for adir in sorted(p for p in ddir.iterdir() if p.is_dir() and (want_a is None or p.name in want_a)):
+                for pattern in POINTING_GAME_FILES:
+                    for path in sorted(adir.glob(pattern)):
+                        try:
+                            df = pd.read_csv(path)
+                        except Exception as exc:
+                            raise MedplanError(f"cannot read pointing-game table ({type(exc).__name__})",
+                                               path) from None
+                        if not df.empty:
+                            frames.append(df.assign(dataset=ddir.name, arch=adir.name))
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def pointing_game_summary(df: pd.DataFrame) -> pd.DataFrame:
+    """Per dataset x architecture x maps (each fold's own model, or the mean over folds) x target x
+    class: the mean, SD and median share of CAM energy inside the GT over the explained cases of
+    all folds, beside the mean GT area share (what an evenly spread map would score)."""
+    cols = ["dataset", "arch", "maps", "target", "class_index", "class", "folds", "n_cases", "mean_energy_in_gt",
+            "sd_energy_in_gt", "median_energy_in_gt", "mean_gt_fraction"]
+    if df.empty:
+        return pd.DataFrame(columns=cols)
+    df = df.assign(fold=df["maps"].astype(str), maps=df["maps"].astype(str).map(
+        lambda m: "fold" if m.startswith("fold_") else m))
+    rows = []
+    for key, g in df.groupby(["dataset", "arch", "maps", "target", "class_index", "class"], sort=True):
+        e = pd.to_numeric(g["energy_in_gt"], errors="coerce").dropna()
+        folds = sorted({f[len("fold_"):] for f in g["fold"] if f.startswith("fold_")}, key=_fold_key)
+        rows.append({**dict(zip(cols[:6], key)), "folds": " ".join(folds), "n_cases": int(len(e)),
+                     "mean_energy_in_gt": float(e.mean()) if len(e) else np.nan,
+                     "sd_energy_in_gt": float(e.std(ddof=1)) if len(e) > 1 else np.nan,
+                     "median_energy_in_gt": float(e.median()) if len(e) else np.nan,
+                     "mean_gt_fraction": float(pd.to_numeric(g["gt_fraction"], errors="coerce").mean())})
+    return pd.DataFrame(rows, columns=cols)

@@ -298,6 +298,7 @@ def write_reports(df: pd.DataFrame, results_root: str | Path | None = None, *, s
     written.append((root / f"summary{suffix}.md", markdown(df).encode()))
     written.append((root / f"summary{suffix}.tex", latex(df).encode()))
     written.append((root / f"ranking{suffix}.csv", ranking(summary).to_csv(index=False).encode()))
+    written += pointing_game_reports(root, suffix, written)
     if plots:
         written.append((root / f"mdsc_bar{suffix}.png", plot_mdsc(summary)))
         for dataset in sorted(summary["dataset"].unique()):
@@ -341,3 +342,34 @@ def format_folds(df: pd.DataFrame) -> str:
         n = "" if pd.isna(r.get("n_cases")) else f"  ({int(r['n_cases'])} cases, {r['source']})"
         lines.append(head + values + n)
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- pointing game (medplan_explain)
+def pointing_game_markdown(summary: pd.DataFrame) -> str:
+    """A Markdown section: per dataset, architecture and class, the share of Grad-CAM energy in the GT."""
+    if summary.empty:
+        return ""
+    lines = ["", "## Grad-CAM energy inside the ground truth (pointing game)", "",
+             "Mean±SD over explained cases, in percent (`medplan_explain`); chance = the class's share of the image.",
+             "", "| Dataset | Model | Maps | Target | Class | Cases | Energy in GT | Median | Chance |",
+             "|---|---|---|---|---|---:|---:|---:|---:|"]
+    for _, r in summary.iterrows():
+        maps = f"folds {r['folds']}" if r["maps"] == "fold" else str(r["maps"])
+        lines.append(f"| {r['dataset']} | {r['arch']} | {maps} | {r['target']} | C_{r['class_index']}: {r['class']} "
+                     f"| {r['n_cases']} | {mean_sd(r['mean_energy_in_gt'], r['sd_energy_in_gt'])} "
+                     f"| {mean_sd(r['median_energy_in_gt'], None)} | {mean_sd(r['mean_gt_fraction'], None)} |")
+    return "\n".join(lines) + "\n"
+
+
+def pointing_game_reports(root: Path, suffix: str, written: list[tuple[Path, bytes]]) -> list[tuple[Path, bytes]]:
+    """``pointing_game.csv`` and a section appended to ``summary{suffix}.md`` when explain maps exist."""
+    from medplan.evaluation.aggregate import gather_pointing_game, pointing_game_summary
+
+    summary = pointing_game_summary(gather_pointing_game(root))
+    if summary.empty:
+        return []
+    md_path = root / f"summary{suffix}.md"
+    for i, (path, data) in enumerate(written):
+        if path == md_path:
+            written[i] = (path, data + pointing_game_markdown(summary).encode())
+    return [(root / f"pointing_game{suffix}.csv", summary.to_csv(index=False).encode())]
