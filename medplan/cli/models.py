@@ -46,9 +46,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--in-channels", type=int, default=3, help="input channels (default 3)")
     parser.add_argument("--num-classes", type=int, default=2, help="output channels (default 2)")
     parser.add_argument("--flops", action="store_true", help="count GMACs of one forward at batch 1 (slower)")
+    parser.add_argument("--measure", action="store_true",
+                        help="time a short training and inference run per architecture on this device "
+                             "(images/s, peak GPU memory) and save it to $MEDPLAN_RESULTS/efficiency.json")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps for --measure (default 5)")
+    parser.add_argument("--batch-size", type=int, default=2, help="batch size for --measure (default 2)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="device for --measure")
     args = parser.parse_args(argv)
     if min(args.size) < 1:
         raise MedplanError(f"--size must be positive, got {args.size[0]} {args.size[1]}")
+    if args.measure:
+        return _measure(args)
     rows = describe_models(
         args.names or None,
         size=(args.size[0], args.size[1]),
@@ -62,4 +70,30 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(rows, args.flops))
         if args.flops:
             print(f"\nGMACs: one forward at batch 1, {args.size[0]}x{args.size[1]}, {args.in_channels} channels")
+    return 0
+
+
+def format_measurements(rows: list[dict[str, Any]]) -> str:
+    header = ["name", "train img/s", "infer img/s", "peak GPU mem (MB)", "params (M)"]
+    body = [[r["arch"], f"{r['train_images_per_s']:.1f}", f"{r['infer_images_per_s']:.1f}",
+             _fmt(r["peak_memory_mb"], ".0f"), f"{r['params_total'] / 1e6:.2f}"] for r in rows]
+    widths = [max(len(c) for c in col) for col in zip(header, *body)]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+             for cells in [header, ["-" * w for w in widths]] + body]
+    return "\n".join(lines)
+
+
+def _measure(args: argparse.Namespace) -> int:
+    from medplan.architectures import list_models
+    from medplan.architectures.measure import efficiency_path, measure_models
+
+    rows = measure_models(args.names or list_models(), size=(args.size[0], args.size[1]),
+                          in_channels=args.in_channels, num_classes=args.num_classes, batch_size=args.batch_size,
+                          steps=args.steps, device=args.device)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_measurements(rows))
+        print(f"\n{rows[0]['device'] if rows else ''}: batch {args.batch_size}, {args.size[0]}x{args.size[1]}, "
+              f"{args.steps} timed steps; saved to {efficiency_path()}")
     return 0
