@@ -42,6 +42,13 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="option for the model builder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
     parser.add_argument("--force", action="store_true", help="train again over a finished run (deletes its results)")
+    weights = parser.add_mutually_exclusive_group()
+    weights.add_argument("--pretrained", metavar="PATH",
+                         help="ImageNet weights file for the encoder (default for models with pretrained weights: "
+                              "the documented file in $MEDPLAN_WEIGHTS)")
+    weights.add_argument("--no-pretrained", action="store_true", help="train from scratch (random initialisation)")
+    parser.add_argument("--allow-partial", action="store_true",
+                        help="accept a weights file that covers only part of the encoder (the report lists the rest)")
 
 
 def run_overrides(args: argparse.Namespace) -> dict:
@@ -49,6 +56,28 @@ def run_overrides(args: argparse.Namespace) -> dict:
             "seed": args.seed, "deterministic": args.deterministic or None, "num_workers": args.num_workers,
             "checkpoint_every": args.checkpoint_every, "progress": False if args.no_progress else None,
             "force": args.force or None}
+
+
+def weight_options(args: argparse.Namespace, arch: str, model_options: dict) -> dict:
+    """The run's ``pretrained``/``allow_partial`` model options: ``--pretrained PATH``, ``--no-pretrained``,
+    else ImageNet weights for every model that has them (the paper fine-tunes pretrained encoders)."""
+    from medplan.architectures import get_entry, is_model
+
+    options = dict(model_options)
+    flag = (os.path.abspath(os.path.expanduser(args.pretrained)) if args.pretrained is not None
+            else (False if args.no_pretrained else None))  # an absolute path in config.json
+    if flag is not None and "pretrained" in options and options["pretrained"] != flag:
+        raise MedplanError("--model-opt pretrained=... contradicts --pretrained/--no-pretrained; give one of them")
+    has_weights = is_model(arch) and get_entry(arch).pretrained  # an unknown name fails later, listing the known
+    if flag is not None:
+        options["pretrained"] = flag
+    elif "pretrained" not in options and has_weights:
+        options["pretrained"] = True
+    if args.allow_partial:
+        if is_model(arch) and not has_weights:
+            raise MedplanError(f"--allow-partial: architecture {arch!r} loads no pretrained weights")
+        options["allow_partial"] = True
+    return options
 
 
 def strip_num_gpus(argv: list[str]) -> list[str]:
@@ -108,7 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     overrides = {**run_overrides(args), "lr": args.lr, "epochs": args.epochs, "stage": args.stage}
-    model_options = parse_model_options(args.model_opt)
+    model_options = weight_options(args, args.arch, parse_model_options(args.model_opt))
 
     def check() -> None:
         from medplan.trainers import prepare

@@ -9,7 +9,7 @@ import os
 import sys
 
 from medplan.cli import entry_point
-from medplan.cli.train import add_run_arguments, maybe_relaunch, parse_model_options, run_overrides
+from medplan.cli.train import add_run_arguments, maybe_relaunch, parse_model_options, run_overrides, weight_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     overrides = {k: v for k, v in run_overrides(args).items() if k != "force"}
-    model_options = parse_model_options(args.model_opt)
+    model_options = weight_options(args, args.arch, parse_model_options(args.model_opt))
 
     def check() -> None:
         from medplan.trainers import prepare

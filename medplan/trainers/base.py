@@ -340,6 +340,7 @@ class Trainer:
         from medplan.architectures import count_parameters
 
         self.param_counts = dict(count_parameters(net))
+        self.pretrained_report = getattr(net, "pretrained_report", None)  # what the weights file gave, for config.json
         self.model, notes = ddp.wrap_model(net, self.ctx, self.device,
                                            find_unused_parameters=self.find_unused_parameters)
         self.notes += notes
@@ -533,6 +534,7 @@ class Trainer:
                          "total_steps": self.epochs * self.steps_per_epoch},
             "loss": self.plan["loss"], "class_weights": self.class_weights, "internal_size": self.internal_size,
             "model_options": self.model_options, "parameters": self.param_counts,
+            "pretrained": self.model_options.get("pretrained", False), "pretrained_report": self.pretrained_report,
             "n_train": len(self.train_cases), "n_val": len(self.val_cases),
             "train_cases": self.train_cases, "val_cases": self.val_cases,
             "deviations": self.notes,
