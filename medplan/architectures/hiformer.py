@@ -1,0 +1,543 @@
+"""HiFormer-B (Heidari et al., WACV 2023): Swin Transformer and ResNet pyramids fused by the DLF module.
+
+Written after the official implementation (amirhossein-kz/HiFormer: ``models/HiFormer.py``,
+``models/Encoder.py``, ``models/Decoder.py``, ``utils.py``, ``configs/HiFormer_configs.py``
+``get_hiformer_b_configs``). Module structure and parameter names follow it, so the official
+state-dict keys hold (``All2Cross.pyramid.swin_transformer.layers.0.blocks.0.attn.qkv.weight``,
+``All2Cross.pyramid.resnet_layers.4.0.conv1.weight``, ``All2Cross.pyramid.p1_pm.reduction.weight``,
+``All2Cross.pos_embed.0``, ``All2Cross.blocks.0.fusion.0.attn.wq.weight``, ``ConvUp_s.convs_level.0.weight``,
+``conv_pred.0.weight``, ``segmentation_head.0.weight``, ...). Libraries do the standard parts: timm's
+``SwinTransformerStage`` (same block parameter names as the Swin reference), timm's ResNet-50 (the
+torchvision parameter names) and timm's ViT ``Block``.
+
+HiFormer-B: ResNet-50 stem + layer1..layer3 (256/512/1024 channels at strides 4/8/16) beside the first
+three Swin-T stages (96/192/384 channels, depths 2/2/6, heads 3/6/12, window 7, drop path 0.1); 1x1
+convolutions ``p*_ch`` bring the CNN maps to the Swin widths and the sums pass through Swin's patch
+merging (``p1_pm``, ``p2_pm``). The Double-Level Fusion (DLF) module takes the stride-4 and the
+stride-16 token sets, each with a CLS token (mean of the normalised tokens), adds learned position
+embeddings and exchanges information between the two levels by cross-attention of each CLS token
+(projected to the other level's width) over the other level's tokens (depth ``[1, 2, 0]``, heads
+``(6, 12)``, MLP ratios ``(2, 2, 1)``). The decoder upsamples the stride-16 tokens twice (conv + GN +
+ReLU), adds the convolved stride-4 tokens, reduces to 16 channels, upsamples x4 and predicts with a 3x3
+convolution.
+
+Choices, all documented against the reference:
+
+- **Fixed 224x224 resolution.** The position embeddings have one entry per token of a 224x224 input
+  (``img_size``), as in the reference; the benchmark paper ran HiFormer at 224 internally
+  (``medplan.trainers.internal224``). The module itself accepts any input size: a differently sized
+  input is resized bilinearly to ``img_size`` inside ``forward`` and the logits are resized back, so
+  prediction works on any image.
+- **What reaches the output.** As in the reference (checked numerically against it): the decoder drops
+  the CLS tokens (``x[:, 1:]``) and the DLF stage changes only the CLS tokens, so with HiFormer-B's
+  single DLF stage the cross-attention path (``projs``, ``fusion``, ``revert_projs``, and the CLS
+  LayerNorms ``norm_1``/``norm_2``) gets zero gradients; the DLF contributes its position embeddings and
+  final LayerNorms. The reference's ``MultiScaleBlock`` also builds one transformer ``Block`` per level
+  (``blocks``) whose output its ``forward`` discards (``outs_b``); their parameters are kept (official
+  keys; Table 1's 26M counts them) and the discarded computation is skipped (same outputs, less time).
+  They get no gradient at all, so the trainer runs DDP with ``find_unused_parameters``.
+- **ImageNet weights really used.** The reference loads ``swin_tiny_patch4_window7_224.pth`` in
+  ``PyramidFeatures.__init__`` and then ``All2Cross.__init__`` calls ``self.apply(_init_weights)`` over
+  the whole subtree, which re-initialises every Swin ``Linear`` and ``LayerNorm`` (only the relative
+  position bias tables survive). medplan loads the weights after initialisation, as the paper intends;
+  ``reference_reinit=True`` reproduces the reference's behaviour.
+- Gray input: the ResNet stem takes ``in_channels`` directly (RGB weights summed over channels).
+
+Weights (``pretrained=True``: both files in ``$MEDPLAN_WEIGHTS``; ``pretrained=DIR``: both files in
+that folder; ``pretrained=FILE``: a whole HiFormer checkpoint with the official key names):
+
+- ``swin_tiny_patch4_window7_224.pth`` — Swin-T ImageNet-1k, as the reference's config downloads it;
+  the timm layout (``timm/swin_tiny_patch4_window7_224.ms_in1k``, where ``layers.1.downsample`` is the
+  first patch merging) is recognised too. Stages 0-2 go to ``swin_transformer``, the first two patch
+  mergings to ``p1_pm``/``p2_pm``; ``patch_embed``, stage 3, ``norm`` and ``head`` are unused.
+- ``resnet50-0676ba61.pth`` — torchvision's ResNet-50 ``IMAGENET1K_V1`` (what the reference's
+  ``torchvision.models.resnet50(pretrained=True)`` loads); timm's ResNet-50 files have the same names.
+  ``conv1``, ``bn1``, ``layer1``-``layer3`` load; ``layer4`` and ``fc`` are unused.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import timm
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from timm.models.swin_transformer import PatchMerging, SwinTransformerStage
+from timm.models.vision_transformer import Block, Mlp
+from torch import nn
+
+from medplan.architectures.pretrained import load_weights, read_state_dict, resolve_weights, weights_dir
+from medplan.architectures.registry import register_model
+from medplan.errors import MedplanError
+
+log = logging.getLogger(__name__)
+
+SWIN_T_FILENAME = "swin_tiny_patch4_window7_224.pth"
+SWIN_T_URL = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth"
+RESNET_FILES = {  # torchvision IMAGENET1K_V1, what ``torchvision.models.resnetXX(pretrained=True)`` loads
+    "resnet50": ("resnet50-0676ba61.pth", "https://download.pytorch.org/models/resnet50-0676ba61.pth"),
+    "resnet34": ("resnet34-b627a593.pth", "https://download.pytorch.org/models/resnet34-b627a593.pth"),
+    "resnet18": ("resnet18-f37072fd.pth", "https://download.pytorch.org/models/resnet18-f37072fd.pth"),
+}
+INTERNAL_SIZE = 224
+
+
+@dataclass
+class HiFormerConfig:
+    """The reference's ``get_hiformer_b_configs`` (names kept), plus the Swin stage settings it hard-codes."""
+
+    swin_pyramid_fm: list[int] = field(default_factory=lambda: [96, 192, 384])
+    image_size: int = 224
+    patch_size: int = 4
+    cnn_backbone: str = "resnet50"
+    depth: list[list[int]] = field(default_factory=lambda: [[1, 2, 0]])
+    num_heads: tuple[int, int] = (6, 12)
+    mlp_ratio: tuple[float, float, float] = (2.0, 2.0, 1.0)
+    drop_rate: float = 0.0
+    attn_drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    qkv_bias: bool = True
+    qk_scale: float | None = None
+    cross_pos_embed: bool = True
+    # the reference's SwinTransformer(img_size, in_chans=3) defaults
+    swin_depths: tuple[int, ...] = (2, 2, 6)
+    swin_heads: tuple[int, ...] = (3, 6, 12)
+    window_size: int = 7
+    swin_mlp_ratio: float = 4.0
+    swin_drop_path_rate: float = 0.1
+
+
+def _init_weights(m: nn.Module) -> None:
+    """The reference's ``_init_weights``: truncated normal (0.02) linears, unit LayerNorms."""
+    if isinstance(m, nn.Linear):
+        trunc_normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.constant_(m.bias, 0)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.constant_(m.bias, 0)
+        nn.init.constant_(m.weight, 1.0)
+
+
+# ------------------------------------------------------------------------------------- encoder
+class SwinLayers(nn.Module):
+    """The reference's ``SwinTransformer`` as HiFormer uses it: only ``layers`` (no patch embedding,
+    no patch merging inside the stages, no final norm); timm stages on NHWC maps."""
+
+    def __init__(self, cfg: HiFormerConfig):
+        super().__init__()
+        depths = list(cfg.swin_depths)
+        dpr = [x.item() for x in torch.linspace(0, cfg.swin_drop_path_rate, sum(depths), device="cpu")]
+        res = cfg.image_size // cfg.patch_size
+        self.layers = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            dim = cfg.swin_pyramid_fm[i]
+            size = res // 2**i
+            self.layers.append(SwinTransformerStage(
+                dim, dim, (size, size), depth, downsample=False, num_heads=cfg.swin_heads[i],
+                window_size=cfg.window_size, mlp_ratio=cfg.swin_mlp_ratio, qkv_bias=True,
+                proj_drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate,
+                drop_path=dpr[sum(depths[:i]):sum(depths[:i + 1])], norm_layer=nn.LayerNorm))
+
+
+class PyramidFeatures(nn.Module):
+    """ResNet and Swin pyramids, summed level by level (the reference's ``PyramidFeatures``)."""
+
+    def __init__(self, cfg: HiFormerConfig, in_channels: int = 3):
+        super().__init__()
+        self.swin_transformer = SwinLayers(cfg)
+        # torchvision's initialisation (timm would zero the last BatchNorm of each block)
+        resnet = timm.create_model(cfg.cnn_backbone, pretrained=False, in_chans=in_channels, zero_init_last=False)
+        cnn_fm = [int(info["num_chs"]) for info in resnet.feature_info[1:4]]
+        # conv1, bn1, act1, maxpool, layer1, layer2, layer3: torchvision's children()[:7]
+        self.resnet_layers = nn.ModuleList(list(resnet.children())[:7])
+        fm = cfg.swin_pyramid_fm
+        res = cfg.image_size // cfg.patch_size
+        self.p1_ch = nn.Conv2d(cnn_fm[0], fm[0], kernel_size=1)
+        self.p1_pm = PatchMerging(fm[0], norm_layer=nn.LayerNorm)
+        self.norm_1 = nn.LayerNorm(fm[0])
+        self.p2_ch = nn.Conv2d(cnn_fm[1], fm[1], kernel_size=1)
+        self.p2_pm = PatchMerging(fm[1], norm_layer=nn.LayerNorm)
+        self.p3_ch = nn.Conv2d(cnn_fm[2], fm[2], kernel_size=1)
+        self.norm_2 = nn.LayerNorm(fm[2])
+        self.cnn_pyramid_fm = cnn_fm
+        self.resolution = res
+
+    # the reference registers layer2/layer3 a second time as p2/p3; properties keep one name each
+    @property
+    def p2(self) -> nn.Module:
+        return self.resnet_layers[5]
+
+    @property
+    def p3(self) -> nn.Module:
+        return self.resnet_layers[6]
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        for i in range(5):
+            x = self.resnet_layers[i](x)
+        # level 1 (stride 4)
+        fm1 = x
+        fm1_ch = self.p1_ch(fm1).permute(0, 2, 3, 1)                      # B H W C
+        sw1_skipped = fm1_ch + self.swin_transformer.layers[0](fm1_ch)
+        cls1 = self.norm_1(sw1_skipped).mean(dim=(1, 2)).unsqueeze(1)      # B 1 C
+        fm1_sw1 = self.p1_pm(sw1_skipped)
+        # level 2 (stride 8)
+        fm1_sw2 = self.swin_transformer.layers[1](fm1_sw1)
+        fm2 = self.p2(fm1)
+        fm2_sw2 = self.p2_pm(self.p2_ch(fm2).permute(0, 2, 3, 1) + fm1_sw2)
+        # level 3 (stride 16)
+        fm2_sw3 = self.swin_transformer.layers[2](fm2_sw2)
+        fm3 = self.p3(fm2)
+        fm3_sw3_skipped = self.p3_ch(fm3).permute(0, 2, 3, 1) + fm2_sw3
+        cls3 = self.norm_2(fm3_sw3_skipped).mean(dim=(1, 2)).unsqueeze(1)
+        return [torch.cat((cls1, sw1_skipped.flatten(1, 2)), dim=1),
+                torch.cat((cls3, fm3_sw3_skipped.flatten(1, 2)), dim=1)]
+
+
+# ------------------------------------------------------------------------------------- DLF
+class CrossAttention(nn.Module):
+    """The CLS token (first token) attends over all tokens of the other level."""
+
+    def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = False, qk_scale: float | None = None,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0):
+        super().__init__()
+        self.num_heads = num_heads
+        self.scale = qk_scale or (dim // num_heads) ** -0.5
+        self.wq = nn.Linear(dim, dim, bias=qkv_bias)
+        self.wk = nn.Linear(dim, dim, bias=qkv_bias)
+        self.wv = nn.Linear(dim, dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, C = x.shape
+        h = self.num_heads
+        q = self.wq(x[:, 0:1]).reshape(B, 1, h, C // h).transpose(1, 2)   # B h 1 d
+        k = self.wk(x).reshape(B, N, h, C // h).transpose(1, 2)           # B h N d
+        v = self.wv(x).reshape(B, N, h, C // h).transpose(1, 2)
+        attn = self.attn_drop(((q @ k.transpose(-2, -1)) * self.scale).softmax(dim=-1))
+        out = (attn @ v).transpose(1, 2).reshape(B, 1, C)
+        return self.proj_drop(self.proj(out))
+
+
+class CrossAttentionBlock(nn.Module):
+    """Pre-norm cross-attention of the CLS token with a residual (no MLP in HiFormer)."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = False,
+                 qk_scale: float | None = None, drop: float = 0.0, attn_drop: float = 0.0, drop_path: float = 0.0,
+                 norm_layer: type[nn.Module] = nn.LayerNorm, has_mlp: bool = True):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = CrossAttention(dim, num_heads=num_heads, qkv_bias=qkv_bias, qk_scale=qk_scale,
+                                   attn_drop=attn_drop, proj_drop=drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.has_mlp = has_mlp
+        if has_mlp:
+            self.norm2 = norm_layer(dim)
+            self.mlp = Mlp(in_features=dim, hidden_features=int(dim * mlp_ratio), drop=drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x[:, 0:1] + self.drop_path(self.attn(self.norm1(x)))
+        if self.has_mlp:
+            x = x + self.drop_path(self.mlp(self.norm2(x)))
+        return x
+
+
+class MultiScaleBlock(nn.Module):
+    """One DLF stage: each level's CLS token, projected to the other level's width, cross-attends
+    over that level's patch tokens and is projected back (CrossViT's multi-scale block)."""
+
+    def __init__(self, dim: Sequence[int], patches: Sequence[int], depth: Sequence[int], num_heads: Sequence[int],
+                 mlp_ratio: Sequence[float], qkv_bias: bool = False, qk_scale: float | None = None, drop: float = 0.0,
+                 attn_drop: float = 0.0, drop_path: Sequence[float] = (0.0,),
+                 norm_layer: type[nn.Module] = nn.LayerNorm):
+        super().__init__()
+        n = len(dim)
+        self.num_branches = n
+        branch_blocks = []
+        for d in range(n):
+            tmp = [Block(dim=dim[d], num_heads=num_heads[d], mlp_ratio=mlp_ratio[d], qkv_bias=qkv_bias,
+                         attn_drop=attn_drop, drop_path=drop_path[i], norm_layer=norm_layer) for i in range(depth[d])]
+            if tmp:
+                branch_blocks.append(nn.Sequential(*tmp))
+        # built as in the reference but, as there, without effect on the output (see the module docstring)
+        self.blocks = nn.ModuleList(branch_blocks) if branch_blocks else None
+        self.projs = nn.ModuleList(
+            nn.Sequential(norm_layer(dim[d]), nn.GELU(), nn.Linear(dim[d], dim[(d + 1) % n])) for d in range(n))
+        self.fusion = nn.ModuleList()
+        for d in range(n):
+            d_ = (d + 1) % n
+            kwargs = dict(dim=dim[d_], num_heads=num_heads[d_], mlp_ratio=mlp_ratio[d], qkv_bias=qkv_bias,
+                          qk_scale=qk_scale, drop=drop, attn_drop=attn_drop, drop_path=drop_path[-1],
+                          norm_layer=norm_layer, has_mlp=False)
+            if depth[-1] == 0:  # the reference's "backward capability": one block, not a Sequential
+                self.fusion.append(CrossAttentionBlock(**kwargs))
+            else:
+                self.fusion.append(nn.Sequential(*[CrossAttentionBlock(**kwargs) for _ in range(depth[-1])]))
+        self.revert_projs = nn.ModuleList(
+            nn.Sequential(norm_layer(dim[(d + 1) % n]), nn.GELU(), nn.Linear(dim[(d + 1) % n], dim[d]))
+            for d in range(n))
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        proj_cls = [proj(x[:, 0:1]) for x, proj in zip(xs, self.projs)]
+        outs = []
+        for i in range(self.num_branches):
+            other = xs[(i + 1) % self.num_branches]
+            fused = self.fusion[i](torch.cat((proj_cls[i], other[:, 1:]), dim=1))
+            outs.append(torch.cat((self.revert_projs[i](fused[:, 0:1]), xs[i][:, 1:]), dim=1))
+        return outs
+
+
+class All2Cross(nn.Module):
+    """Pyramid features + position embeddings + DLF stages + per-level LayerNorm."""
+
+    def __init__(self, cfg: HiFormerConfig, in_channels: int = 3, norm_layer: type[nn.Module] = nn.LayerNorm):
+        super().__init__()
+        embed_dim = (cfg.swin_pyramid_fm[0], cfg.swin_pyramid_fm[-1])
+        self.cross_pos_embed = cfg.cross_pos_embed
+        self.pyramid = PyramidFeatures(cfg, in_channels)
+        n_p1 = (cfg.image_size // cfg.patch_size) ** 2
+        n_p2 = (cfg.image_size // cfg.patch_size // 4) ** 2
+        num_patches = (n_p1, n_p2)
+        self.num_branches = 2
+        self.pos_embed = nn.ParameterList(
+            [nn.Parameter(torch.zeros(1, 1 + num_patches[i], embed_dim[i])) for i in range(self.num_branches)])
+        total_depth = sum(sum(x[-2:]) for x in cfg.depth)
+        dpr = [x.item() for x in torch.linspace(0, cfg.drop_path_rate, max(total_depth, 1), device="cpu")]
+        ptr = 0
+        self.blocks = nn.ModuleList()
+        for block_cfg in cfg.depth:
+            cur = max(block_cfg[:-1]) + block_cfg[-1]
+            self.blocks.append(MultiScaleBlock(embed_dim, num_patches, block_cfg, num_heads=cfg.num_heads,
+                                               mlp_ratio=cfg.mlp_ratio, qkv_bias=cfg.qkv_bias, qk_scale=cfg.qk_scale,
+                                               drop=cfg.drop_rate, attn_drop=cfg.attn_drop_rate,
+                                               drop_path=dpr[ptr:ptr + cur], norm_layer=norm_layer))
+            ptr += cur
+        self.norm = nn.ModuleList([norm_layer(embed_dim[i]) for i in range(self.num_branches)])
+        for p in self.pos_embed:
+            trunc_normal_(p, std=0.02)
+        self.apply(_init_weights)
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        xs = self.pyramid(x)
+        if self.cross_pos_embed:
+            xs = [t + self.pos_embed[i] for i, t in enumerate(xs)]
+        for blk in self.blocks:
+            xs = blk(xs)
+        return [self.norm[i](t) for i, t in enumerate(xs)]
+
+
+# ------------------------------------------------------------------------------------- decoder
+class ConvUpsample(nn.Module):
+    """3x3 conv + GroupNorm(32) + ReLU per entry of ``out_chans``, each followed by x2 upsampling if asked."""
+
+    def __init__(self, in_chans: int = 384, out_chans: Sequence[int] = (128,), upsample: bool = True):
+        super().__init__()
+        layers: list[nn.Module] = []
+        for i, out_ch in enumerate(out_chans):
+            cin = in_chans if i == 0 else out_chans[i - 1]
+            layers += [nn.Conv2d(cin, out_ch, kernel_size=3, stride=1, padding=1, bias=False),
+                       nn.GroupNorm(32, out_ch), nn.ReLU(inplace=False)]
+            if upsample:
+                layers.append(nn.Upsample(scale_factor=2, mode="bilinear", align_corners=False))
+        self.convs_level = nn.Sequential(*layers)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.convs_level(x)
+
+
+class SegmentationHead(nn.Sequential):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3):
+        super().__init__(nn.Conv2d(in_channels, out_channels, kernel_size=kernel_size, padding=kernel_size // 2))
+
+
+class HiFormer(nn.Module):
+    """HiFormer at ``cfg.image_size``; other input sizes are resized to it and the logits back."""
+
+    def __init__(self, cfg: HiFormerConfig, in_channels: int = 3, num_classes: int = 9):
+        super().__init__()
+        self.cfg = cfg
+        self.img_size = cfg.image_size
+        self.patch_size = [cfg.patch_size, cfg.patch_size * 4]
+        self.n_classes = num_classes
+        fm = cfg.swin_pyramid_fm
+        self.All2Cross = All2Cross(cfg, in_channels)
+        self.ConvUp_s = ConvUpsample(in_chans=fm[-1], out_chans=[128, 128], upsample=True)
+        self.ConvUp_l = ConvUpsample(in_chans=fm[0], upsample=False)
+        self.segmentation_head = SegmentationHead(in_channels=16, out_channels=num_classes, kernel_size=3)
+        self.conv_pred = nn.Sequential(
+            nn.Conv2d(128, 16, kernel_size=1, stride=1, padding=0, bias=True),
+            nn.ReLU(inplace=True),
+            nn.Upsample(scale_factor=cfg.patch_size, mode="bilinear", align_corners=False),
+        )
+        self.pretrained_report: dict | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = tuple(x.shape[-2:])
+        fixed = (self.img_size, self.img_size)
+        if size != fixed:
+            x = F.interpolate(x, size=fixed, mode="bilinear", align_corners=False)
+        xs = self.All2Cross(x)
+        maps = []
+        for i, tokens in enumerate(xs):
+            side = self.img_size // self.patch_size[i]
+            embed = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+            maps.append(self.ConvUp_l(embed) if i == 0 else self.ConvUp_s(embed))
+        out = self.segmentation_head(self.conv_pred(maps[0] + maps[1]))
+        if size != fixed:
+            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
+        return out
+
+
+# ------------------------------------------------------------------------------------- weights
+_SWIN_BUFFERS = re.compile(r"(relative_position_index|attn_mask)$")
+_RESNET_NAMES = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6}
+
+
+def swin_key_map(keys: Sequence[str], n_stages: int = 3):
+    """Rename Swin ImageNet keys to ``PyramidFeatures`` names; the official and the timm layout differ in
+    where the patch merging lives (end of stage i vs start of stage i+1), told apart by the keys present."""
+    official = any(k.startswith("layers.0.downsample.") for k in keys)
+    merge_stage = {0: "p1_pm", 1: "p2_pm"} if official else {1: "p1_pm", 2: "p2_pm"}
+
+    def key_map(key: str) -> str | None:
+        if _SWIN_BUFFERS.search(key):
+            return None  # buffers computed by the model
+        m = re.match(r"layers\.(\d+)\.(blocks|downsample)\.(.*)$", key)
+        if m is None:
+            return key  # patch_embed, norm, head: reported as unused
+        stage, part, rest = int(m.group(1)), m.group(2), m.group(3)
+        if part == "blocks" and stage < n_stages:
+            return f"swin_transformer.layers.{stage}.blocks.{rest}"
+        if part == "downsample" and stage in merge_stage:
+            return f"{merge_stage[stage]}.{rest}"
+        return key
+
+    return key_map
+
+
+def resnet_key_map(key: str) -> str | None:
+    """torchvision/timm ResNet names -> ``resnet_layers.N`` (the reference's ``children()[:7]``)."""
+    head, _, rest = key.partition(".")
+    if head in _RESNET_NAMES:
+        return f"resnet_layers.{_RESNET_NAMES[head]}.{rest}"
+    return key  # layer4, fc: reported as unused
+
+
+def reinit_swin_like_reference(model: HiFormer) -> None:
+    """What the reference's ``All2Cross.apply(_init_weights)`` does to the loaded Swin weights."""
+    pyr = model.All2Cross.pyramid
+    for module in (pyr.swin_transformer, pyr.p1_pm, pyr.p2_pm):
+        module.apply(_init_weights)
+
+
+@dataclass
+class HiFormerWeights:
+    """Where a HiFormer's weights come from: a whole checkpoint, or ImageNet Swin-T + ResNet files."""
+
+    checkpoint: Path | None = None
+    swin: Path | None = None
+    resnet: Path | None = None
+
+
+def resolve_hiformer_weights(pretrained: bool | str | Path | None, cnn_backbone: str = "resnet50",
+                             name: str = "hiformer_b") -> HiFormerWeights | None:
+    """The files to load (checked before the model is built), or None for ``pretrained=False``."""
+    if pretrained is None or pretrained is False:
+        return None
+    if pretrained is not True and Path(pretrained).expanduser().is_file():
+        return HiFormerWeights(checkpoint=Path(pretrained).expanduser())
+    folder = weights_dir() if pretrained is True else Path(pretrained).expanduser()
+    if pretrained is not True and not folder.is_dir():
+        raise MedplanError(f"pretrained weights for {name} not found: give a folder holding {SWIN_T_FILENAME} and "
+                           "a torchvision ResNet file, or a HiFormer checkpoint file", folder)
+    if cnn_backbone not in RESNET_FILES:
+        raise MedplanError(f"{name}: no documented ImageNet weights for cnn_backbone {cnn_backbone!r} "
+                           f"(known: {', '.join(RESNET_FILES)})")
+    resnet_file, resnet_url = RESNET_FILES[cnn_backbone]
+
+    def resolve(filename: str, url: str) -> Path:
+        found = resolve_weights(True if pretrained is True else folder / filename, filename, url=url, model=name)
+        assert found is not None
+        return found
+
+    return HiFormerWeights(swin=resolve(SWIN_T_FILENAME, SWIN_T_URL), resnet=resolve(resnet_file, resnet_url))
+
+
+def load_hiformer_weights(model: HiFormer, weights: HiFormerWeights | None, *, allow_partial: bool = False,
+                          name: str = "hiformer_b") -> dict | None:
+    """Load a whole HiFormer checkpoint, or ImageNet Swin-T + ResNet weights into the pyramid; keep the report."""
+    if weights is None:
+        return None
+    if weights.checkpoint is not None:
+        report = load_weights(model, weights.checkpoint, allow_partial=allow_partial)
+        log.info("%s: %s", name, report.summary())
+        model.pretrained_report = {"hiformer": report.as_dict()}
+        return model.pretrained_report
+    assert weights.swin is not None and weights.resnet is not None
+    pyramid = model.All2Cross.pyramid
+    new_layers = [r"^p\d_ch\.", r"^norm_\d\."]  # HiFormer's own layers: no ImageNet counterpart
+    swin_report = load_weights(pyramid, weights.swin, key_map=swin_key_map(list(read_state_dict(weights.swin))),
+                               ignore_missing=[r"^resnet_layers\.", *new_layers], allow_partial=allow_partial)
+    resnet_report = load_weights(pyramid, weights.resnet, key_map=resnet_key_map,
+                                 ignore_missing=[r"^swin_transformer\.", r"^p\d_pm\.", *new_layers],
+                                 allow_partial=allow_partial)
+    log.info("%s Swin: %s", name, swin_report.summary())
+    log.info("%s ResNet: %s", name, resnet_report.summary())
+    model.pretrained_report = {"swin": swin_report.as_dict(), "resnet": resnet_report.as_dict()}
+    return model.pretrained_report
+
+
+# ------------------------------------------------------------------------------------- builder
+def _positive(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MedplanError(f"hiformer_b: {what} must be a positive integer, got {value!r}")
+    return value
+
+
+@register_model("hiformer_b", description="HiFormer-B (WACV'23): Swin-T + ResNet-50 pyramids fused by DLF "
+                "cross-attention; runs at 224x224", paper_params_m=26.0, pretrained=True, family="hybrid",
+                internal_size=[INTERNAL_SIZE, INTERNAL_SIZE])
+def hiformer_b(in_channels: int, num_classes: int, *, pretrained: bool | str = False, allow_partial: bool = False,
+               img_size: int = INTERNAL_SIZE, cnn_backbone: str = "resnet50", embed_dim: int = 96,
+               swin_heads: Sequence[int] = (3, 6, 12), dlf_heads: Sequence[int] = (6, 12), window_size: int = 7,
+               reference_reinit: bool = False) -> HiFormer:
+    """HiFormer-B as ``get_hiformer_b_configs``. ``embed_dim``/``*_heads``/``cnn_backbone``/``window_size``
+    exist for tiny test models (the ImageNet weights fit only the defaults); ``img_size`` is the fixed
+    internal resolution (a multiple of 16 whose feature sizes fit the window)."""
+    _positive(img_size, "img_size")
+    _positive(embed_dim, "embed_dim")
+    _positive(window_size, "window_size")
+    if img_size % 16:
+        raise MedplanError(f"hiformer_b: img_size must be a multiple of 16 (strides 4, 8, 16), got {img_size}")
+    swin_heads, dlf_heads = [int(h) for h in swin_heads], [int(h) for h in dlf_heads]
+    dims = [embed_dim, 2 * embed_dim, 4 * embed_dim]
+    if len(swin_heads) != 3 or any(d % h for d, h in zip(dims, swin_heads)):
+        raise MedplanError(f"hiformer_b: swin_heads {swin_heads} must be 3 values dividing {dims}")
+    if len(dlf_heads) != 2 or dims[0] % dlf_heads[0] or dims[2] % dlf_heads[1]:
+        raise MedplanError(f"hiformer_b: dlf_heads {dlf_heads} must be 2 values dividing {dims[0]} and {dims[2]}")
+    if cnn_backbone not in RESNET_FILES:
+        raise MedplanError(f"hiformer_b: cnn_backbone must be one of {', '.join(RESNET_FILES)}, got {cnn_backbone!r}")
+    cfg = HiFormerConfig(swin_pyramid_fm=dims, image_size=img_size, cnn_backbone=cnn_backbone,
+                         num_heads=(dlf_heads[0], dlf_heads[1]), swin_heads=tuple(swin_heads), window_size=window_size)
+    res = img_size // cfg.patch_size
+    for i in range(3):
+        side = res // 2**i
+        if side > window_size and side % window_size:
+            raise MedplanError(f"hiformer_b: img_size {img_size} gives a {side}x{side} Swin stage that the window "
+                               f"{window_size} does not tile (use a multiple of {4 * 4 * window_size}, e.g. 224)")
+    weights = resolve_hiformer_weights(pretrained, cnn_backbone)  # a missing file fails before the build
+    model = HiFormer(cfg, in_channels, num_classes)
+    load_hiformer_weights(model, weights, allow_partial=allow_partial)
+    if reference_reinit:
+        reinit_swin_like_reference(model)
+    return model
+
+
+__all__ = ["HiFormer", "HiFormerConfig", "HiFormerWeights", "hiformer_b", "resolve_hiformer_weights",
+           "load_hiformer_weights", "reinit_swin_like_reference", "swin_key_map", "resnet_key_map",
+           "SWIN_T_FILENAME", "RESNET_FILES", "INTERNAL_SIZE"]

@@ -1,0 +1,148 @@
+"""MISSFormer: shapes, size, official key names, the bridge's bookkeeping, the 224x224 trainer."""
+import pytest
+import torch
+
+from medplan.architectures import build_model, count_parameters, list_models, model_info
+from medplan.architectures.missformer import MISSFormer, _expand, _level_lengths
+from medplan.errors import MedplanError
+from medplan.trainers import TrainSettings, get_trainer
+from medplan.trainers.internal224 import MISSFormerTrainer
+
+# widths 8/16/40/64 keep the reference's ratios (1, 2, 5, 8) and head widths of 8
+TINY = {"dims": (8, 16, 40, 64), "layers": (1, 1, 1, 1)}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny(in_channels=3, num_classes=2) -> MISSFormer:
+    torch.manual_seed(0)
+    return build_model("missformer", in_channels, num_classes, **TINY)
+
+
+@pytest.mark.parametrize("in_channels,num_classes", [(1, 1), (3, 4)])
+def test_forward_backward_logits_at_input_size(in_channels, num_classes):
+    model = tiny(in_channels, num_classes)
+    y = model(torch.randn(2, in_channels, 64, 64))
+    assert y.shape == (2, num_classes, 64, 64)
+    y.square().mean().backward()
+    for p in (model.backbone.patch_embed1.proj.weight, model.backbone.block4[0].attn.kv.weight,
+              model.bridge.bridge_layer1.attn.scale_reduce.sr0.weight, model.bridge.bridge_layer4.mixffn4.fc2.weight,
+              model.decoder_2.concat_linear.weight, model.decoder_0.last_layer.weight):
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    # parameters the reference builds but never uses: decoder_3 gets no skip, ReMix-FFN's spare norms
+    assert all(p.grad is None for p in model.decoder_3.layer_former_1.parameters())
+    assert model.decoder_3.concat_linear.weight.grad is None
+    assert model.backbone.block1[0].mlp.norm2.weight.grad is None
+
+
+def test_sides_not_multiple_of_32_are_resized_inside_and_back():
+    model = tiny(1, 3).eval()
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 50, 70)).shape == (1, 3, 50, 70)
+        assert model(torch.randn(1, 1, 96, 64)).shape == (1, 3, 96, 64)
+    assert seen == [(64, 96), (96, 64)]  # next multiples of 32; non-square multiples run natively
+
+
+def test_full_size_parameter_count_matches_table_1():
+    assert "missformer" in list_models()
+    with torch.device("meta"):
+        model = build_model("missformer", 3, 9)
+    total = count_parameters(model)["total"]
+    assert abs(total / 1e6 - 42.0) / 42.0 < 0.05, total
+    assert round(total / 1e6, 2) == 42.46  # the reference built for Synapse's 9 classes
+    assert [len(getattr(model.backbone, f"block{i}")) for i in range(1, 5)] == [2, 2, 2, 2]
+    assert model_info("missformer")["pretrained"] is False  # trained from scratch, as the reference
+
+
+def test_state_dict_keys_are_the_official_names():
+    with torch.device("meta"):
+        state = build_model("missformer", 3, 9).state_dict()
+    # keys and shapes of ZhifangDeng/MISSFormer's MISSFormer(num_classes=9)
+    expected = {
+        "backbone.patch_embed1.proj.weight": (64, 3, 7, 7),
+        "backbone.patch_embed4.norm.bias": (512,),
+        "backbone.block1.0.attn.sr.weight": (64, 64, 8, 8),
+        "backbone.block3.1.attn.kv.weight": (640, 320),
+        "backbone.block2.0.mlp.dwconv.dwconv.weight": (512, 1, 3, 3),
+        "backbone.block4.1.mlp.norm3.weight": (2048,),
+        "backbone.norm4.weight": (512,),
+        "bridge.bridge_layer1.attn.q.weight": (64, 64),
+        "bridge.bridge_layer2.attn.scale_reduce.sr0.weight": (64, 64, 8, 8),
+        "bridge.bridge_layer3.attn.scale_reduce.sr1.weight": (128, 128, 4, 4),
+        "bridge.bridge_layer4.attn.scale_reduce.sr2.weight": (320, 320, 2, 2),
+        "bridge.bridge_layer4.attn.scale_reduce.norm.weight": (64,),
+        "bridge.bridge_layer1.mixffn3.fc1.weight": (1280, 320),
+        "bridge.bridge_layer2.mixffn4.dwconv.dwconv.weight": (2048, 1, 3, 3),
+        "decoder_3.concat_linear.weight": (512, 1024),
+        "decoder_3.layer_up.expand.weight": (1024, 512),
+        "decoder_2.concat_linear.weight": (320, 576),
+        "decoder_2.layer_former_1.attn.sr.weight": (320, 320, 2, 2),
+        "decoder_1.concat_linear.weight": (128, 288),
+        "decoder_1.layer_up.norm.weight": (64,),
+        "decoder_0.concat_linear.weight": (64, 128),
+        "decoder_0.layer_former_2.attn.sr.weight": (64, 64, 8, 8),
+        "decoder_0.layer_up.expand.weight": (1024, 64),
+        "decoder_0.last_layer.weight": (9, 64, 1, 1),
+    }
+    assert {k: tuple(state[k].shape) for k in expected if k in state} == expected
+    assert not any(k.startswith("decoder_3.last_layer") for k in state)
+
+
+def test_bridge_token_offsets_are_the_references_at_224():
+    sizes = [(56, 56), (28, 28), (14, 14), (7, 7)]
+    lengths = _level_lengths(sizes, [1, 2, 5, 8])
+    assert lengths == [3136, 1568, 980, 392]  # the reference's cut points 3136/4704/5684/6076
+    model = tiny()
+    feats = [torch.randn(1, c, h, w) for c, (h, w) in zip(TINY["dims"], sizes)]
+    x = torch.cat([f.permute(0, 2, 3, 1).reshape(1, -1, 8) for f in feats], dim=1)
+    kv_tokens = model.bridge.bridge_layer1.attn.scale_reduce(x, sizes)
+    assert kv_tokens.shape == (1, 49 + 98 + 245 + 392, 8)  # 784 keys/values, as the reference at 224
+    # the bridge hands back the encoder's maps unchanged in shape
+    assert [tuple(o.shape) for o in model.bridge(feats)] == [tuple(f.shape) for f in feats]
+
+
+@pytest.mark.parametrize("p", [2, 4])
+def test_patch_expand_matches_a_direct_loop(p):
+    B, H, W, C = 2, 3, 2, 5
+    x = torch.randn(B, H * W, p * p * C)
+    out = _expand(x, H, W, p)
+    ref = torch.empty(B, H * p, W * p, C)
+    for h in range(H):  # 'b h w (p1 p2 c) -> b (h p1) (w p2) c', element by element
+        for w in range(W):
+            for i in range(p):
+                for j in range(p):
+                    ref[:, h * p + i, w * p + j] = x[:, h * W + w, (i * p + j) * C:(i * p + j + 1) * C]
+    assert torch.equal(out, ref.reshape(B, -1, C))
+
+
+def test_no_pretrained_weights_and_bad_options_are_errors():
+    with pytest.raises(MedplanError, match="no pretrained weights"):
+        build_model("missformer", 3, 2, pretrained=True)
+    assert isinstance(build_model("missformer", 3, 2, pretrained=False, **TINY), MISSFormer)
+    with pytest.raises(MedplanError, match="dims"):
+        build_model("missformer", 3, 2, dims=(8, 12, 40, 64))
+
+
+def test_trainer_runs_the_network_at_224_and_records_the_deviations(tmp_path):
+    assert get_trainer("missformer") is MISSFormerTrainer
+    plan = {"input_size": [32, 32], "epochs": {"cv": 1, "lr_search": 1}, "batch_size": 2}
+    trainer = MISSFormerTrainer("TOY", "missformer", 0, plan=plan, splits=[{"train": ["a", "b"], "val": ["c"]}],
+                                output_dir=tmp_path, settings=TrainSettings(), model_options=dict(TINY),
+                                lr=1e-4, lr_source="test")
+    assert trainer.internal_size == (224, 224) and trainer.find_unused_parameters
+    assert any("224x224 internally" in n and "(32x32)" in n and "MISSFormer" in n for n in trainer.notes)
+    assert any("from scratch" in n for n in trainer.notes)
+    model = tiny(1, 4).eval()
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
+    with torch.no_grad():
+        logits = trainer.forward_logits(model, torch.randn(1, 1, 32, 32))
+    assert seen == [(224, 224)] and logits.shape == (1, 4, 32, 32)
