@@ -214,7 +214,7 @@ def test_trainer_runs_the_network_at_its_internal_size(tmp_path, monkeypatch):
         return original(self, x)
 
     monkeypatch.setattr(HiFormer, "forward", spy)
-    out = train("TOY", "hiformer_b", 0, overrides=FAST, model_options=TINY)
+    out = train("TOY", "hiformer_b", 0, overrides=FAST, model_options={**TINY, "pretrained": False})
     assert seen and set(seen) == {(64, 64)}  # the network never sees the planned 32x32
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["internal_size"] == [64, 64]

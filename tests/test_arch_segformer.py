@@ -205,7 +205,12 @@ def test_weight_flags_become_model_options():
     def options(*flags, arch="segformer_b3", **model_options):
         return weight_options(build_parser().parse_args(["D", arch, "0", *flags]), arch, model_options)
 
-    assert options() == {"pretrained": True}  # default: the ImageNet weights the paper fine-tunes
+    assert options() == {}  # left to the library default ...
+    from medplan.trainers import default_model_options
+
+    assert default_model_options("segformer_b3", options()) == {"pretrained": True}  # ... the ImageNet weights
+    assert default_model_options("segformer_b3", options("--no-pretrained")) == {"pretrained": False}
+    assert default_model_options("unet", {}) == {}
     assert options("--no-pretrained") == {"pretrained": False}
     assert options("--pretrained", "w.pth", "--allow-partial") == {"pretrained": str(Path("w.pth").resolve()),
                                                                     "allow_partial": True}

@@ -149,7 +149,7 @@ def test_trainer_uses_the_authors_optimizer_and_warm_up(tmp_path, monkeypatch, p
     assert get_trainer("swin_umamba") is trainer_mod.SwinUMambaTrainer
     use_roots(monkeypatch, tmp_path)
     make_dataset(tmp_path, n_cases=6, n_folds=2, epochs={"lr_search": 1, "cv": 2}, lr=1e-3, batch_size=2)
-    options = {**TINY, "depths": [1, 1, 1, 1]}
+    options = {**TINY, "depths": [1, 1, 1, 1], "pretrained": False}
     if pretrained:
         _official_checkpoint(tiny(1, 1, depths=[1, 1, 1, 1]).vssm_encoder, tmp_path / "vmamba.pth")
         options["pretrained"] = str(tmp_path / "vmamba.pth")

@@ -59,8 +59,8 @@ def run_overrides(args: argparse.Namespace) -> dict:
 
 
 def weight_options(args: argparse.Namespace, arch: str, model_options: dict) -> dict:
-    """The run's ``pretrained``/``allow_partial`` model options: ``--pretrained PATH``, ``--no-pretrained``,
-    else ImageNet weights for every model that has them (the paper fine-tunes pretrained encoders)."""
+    """The run's ``pretrained``/``allow_partial`` model options from ``--pretrained PATH``,
+    ``--no-pretrained`` and ``--allow-partial``."""
     from medplan.architectures import get_entry, is_model
 
     options = dict(model_options)
@@ -70,9 +70,7 @@ def weight_options(args: argparse.Namespace, arch: str, model_options: dict) -> 
         raise MedplanError("--model-opt pretrained=... contradicts --pretrained/--no-pretrained; give one of them")
     has_weights = is_model(arch) and get_entry(arch).pretrained  # an unknown name fails later, listing the known
     if flag is not None:
-        options["pretrained"] = flag
-    elif "pretrained" not in options and has_weights:
-        options["pretrained"] = True
+        options["pretrained"] = flag  # unset: medplan.trainers.prepare defaults to the ImageNet weights
     if args.allow_partial:
         if is_model(arch) and not has_weights:
             raise MedplanError(f"--allow-partial: architecture {arch!r} loads no pretrained weights")

@@ -61,6 +61,17 @@ def resolve_lr(dataset: str, arch: str, plan: dict, lr: float | None) -> tuple[f
     return float(plan["lr"]), "plan"
 
 
+def default_model_options(arch: str, model_options: dict[str, Any] | None) -> dict[str, Any]:
+    """ImageNet weights for every model that has them unless the run says otherwise: the
+    paper fine-tunes pretrained encoders (``--no-pretrained`` is an explicit, recorded choice)."""
+    from medplan.architectures import get_entry, is_model
+
+    options = dict(model_options or {})
+    if "pretrained" not in options and is_model(arch) and get_entry(arch).pretrained:
+        options["pretrained"] = True
+    return options
+
+
 def prepare(dataset: str, arch: str, fold: int | str, *, overrides: dict[str, Any] | None = None,
             model_options: dict[str, Any] | None = None, output_dir: Path | None = None) -> Trainer:
     """Check everything a run needs (plan, splits, fold, architecture, settings) and build its
@@ -76,6 +87,7 @@ def prepare(dataset: str, arch: str, fold: int | str, *, overrides: dict[str, An
     if settings.stage == "lr_search" and settings.lr is None:
         raise MedplanError("--stage lr_search needs --lr (or use medplan_tune)")
     lr, source = resolve_lr(dataset, arch, plan, settings.lr)
+    model_options = default_model_options(arch, model_options)
     out = Path(output_dir) if output_dir is not None else run_dir(dataset, arch, fold, stage=settings.stage, lr=lr)
     return trainer_cls(dataset, arch, fold, plan=plan, splits=splits, output_dir=out, settings=settings,
                        model_options=model_options, lr=lr, lr_source=source)

@@ -253,7 +253,10 @@ class Trainer:
     def build_network(self) -> nn.Module:
         from medplan.architectures import build_model
 
-        return build_model(self.arch, int(self.plan["channels"]), int(self.plan["num_outputs"]), **self.model_options)
+        options = dict(self.model_options)
+        if getattr(self, "resuming", False) and options.get("pretrained"):
+            options["pretrained"] = False  # the checkpoint holds every weight; the ImageNet file is not needed again
+        return build_model(self.arch, int(self.plan["channels"]), int(self.plan["num_outputs"]), **options)
 
     def parameter_groups(self, model: nn.Module) -> list[dict]:
         """Optimizer parameter groups (override for e.g. a lower encoder LR). Frozen parameters
@@ -478,6 +481,7 @@ class Trainer:
             self.log.warning("--continue: no checkpoint_latest.pt yet, starting from scratch")
         if resume is not None:
             self._adopt_run_settings(resume)
+        self.resuming = resume is not None
         self._setup()
         if resume is not None:
             self.restore(resume)
