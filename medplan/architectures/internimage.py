@@ -25,15 +25,15 @@ import logging
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 from torch import nn
 
 from medplan.architectures.dcnv3 import DCNv3, build_norm_layer
+from medplan.architectures._init import init_weights
 from medplan.architectures.pretrained import load_weights, resolve_weights
 from medplan.architectures.registry import register_model
-from medplan.architectures.uperhead import UPerHead
+from medplan.architectures.uperhead import BackboneUPerNet
 
 log = logging.getLogger(__name__)
 
@@ -179,13 +179,7 @@ class InternImage(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_weights(m)
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.pos_drop(self.patch_embed(x))
@@ -196,17 +190,8 @@ class InternImage(nn.Module):
         return outs
 
 
-class InternImageUPerNet(nn.Module):
+class InternImageUPerNet(BackboneUPerNet):
     """InternImage backbone + UPerHead; logits at the input resolution."""
-
-    def __init__(self, backbone: InternImage, num_classes: int, decoder_channels: int = 512):
-        super().__init__()
-        self.backbone = backbone
-        self.decode_head = UPerHead(backbone.out_channels, decoder_channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.decode_head(self.backbone(x))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 @register_model("internimage_t", description="InternImage-T (DCNv3) + UPerHead (Wang et al., CVPR 2023)",

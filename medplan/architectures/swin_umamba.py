@@ -45,9 +45,10 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 from torch import nn
 
+from medplan.architectures._init import init_weights
 from medplan.architectures.pretrained import load_weights, resolve_weights
 from medplan.architectures.registry import register_model
 from medplan.architectures.selective_scan import selective_scan_fn
@@ -219,14 +220,7 @@ class VSSMEncoder(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        # as VMamba: Linear trunc-normal(0.02) with zero bias, LayerNorm (1, 0); convs keep torch's init
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_weights(m)  # as VMamba: convs keep torch's init
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         outs = [x]

@@ -54,12 +54,13 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 from torch import nn
 
+from medplan.architectures._init import init_weights
 from medplan.architectures.pretrained import load_weights, resolve_weights
 from medplan.architectures.registry import register_model
-from medplan.architectures.uperhead import UPerHead
+from medplan.architectures.uperhead import BackboneUPerNet
 from medplan.errors import MedplanError
 
 log = logging.getLogger(__name__)
@@ -456,18 +457,7 @@ class TransNeXt(nn.Module):
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
-        if isinstance(m, nn.Linear):
-            trunc_normal_(m.weight, std=0.02)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Conv2d):
-            fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-            nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        init_weights(m, fan_out_convs=True)
 
     def no_weight_decay_keywords(self) -> set[str]:
         """Name fragments the reference exempts from weight decay."""
@@ -512,17 +502,8 @@ class TransNeXt(nn.Module):
         return outs
 
 
-class TransNeXtUPerNet(nn.Module):
+class TransNeXtUPerNet(BackboneUPerNet):
     """TransNeXt backbone + UPerHead; logits at the input resolution."""
-
-    def __init__(self, backbone: TransNeXt, num_classes: int, decoder_channels: int = 512):
-        super().__init__()
-        self.backbone = backbone
-        self.decode_head = UPerHead(backbone.out_channels, decoder_channels, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = self.decode_head(self.backbone(x))
-        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 @register_model("transnext_t", description="TransNeXt-Tiny (aggregated attention) + UPerHead (Shi, CVPR 2024)",

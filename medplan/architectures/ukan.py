@@ -31,9 +31,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import DropPath
 from torch import nn
 
+from medplan.architectures._init import init_weights
 from medplan.architectures.registry import register_model
 from medplan.errors import MedplanError
 
@@ -111,18 +112,7 @@ class KANLinear(nn.Module):
 
 def _init_token_module(m: nn.Module) -> None:
     """The authors' init for the tokenized stages (KANLinear keeps its own)."""
-    if isinstance(m, nn.Linear):
-        trunc_normal_(m.weight, std=0.02)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.Conv2d):
-        fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels // m.groups
-        nn.init.normal_(m.weight, 0.0, math.sqrt(2.0 / fan_out))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
+    init_weights(m, fan_out_convs=True)
 
 
 class DW_bn_relu(nn.Module):

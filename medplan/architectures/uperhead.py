@@ -108,3 +108,17 @@ class UPerHead(nn.Module):
 
     def forward(self, inputs: Sequence[torch.Tensor]) -> torch.Tensor:
         return self.conv_seg(self.dropout(self.features(inputs)))
+
+
+class BackboneUPerNet(nn.Module):
+    """A backbone (``out_channels``; forward -> NCHW maps, finest first) + UPerHead, as the
+    UPerNet configs of InternImage and TransNeXt; logits at the input resolution."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, decoder_channels: int = 512):
+        super().__init__()
+        self.backbone = backbone
+        self.decode_head = UPerHead(backbone.out_channels, decoder_channels, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.decode_head(self.backbone(x))
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
