@@ -254,8 +254,11 @@ class Trainer:
         from medplan.architectures import build_model
 
         options = dict(self.model_options)
-        if getattr(self, "resuming", False) and options.get("pretrained"):
-            options["pretrained"] = False  # the checkpoint holds every weight; the ImageNet file is not needed again
+        weights = options.get("pretrained")
+        if getattr(self, "resuming", False) and (weights is True or (isinstance(weights, str) and Path(weights).is_file())):
+            # the checkpoint holds every weight, so the file is not needed again (a folder, as
+            # llm4seg's, also defines the architecture and is kept)
+            options["pretrained"] = False
         return build_model(self.arch, int(self.plan["channels"]), int(self.plan["num_outputs"]), **options)
 
     def parameter_groups(self, model: nn.Module) -> list[dict]:
