@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from medplan.architectures.registry import register_model
@@ -190,20 +189,8 @@ class LLM4SegUNet(UNet):
         self.llm4seg = LLMBlock(base_channels * 2**depth, config, layer_index, causal=causal, residual=residual)
         self.pretrained_report: dict | None = None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        multiple = 2**self.depth
-        pad_h, pad_w = (-h) % multiple, (-w) % multiple
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
-        skips = [self.inc(x)]
-        for down in self.down:
-            skips.append(down(skips[-1]))
-        y = self.llm4seg(skips.pop())
-        for up in self.up:
-            y = up(y, skips.pop())
-        logits = self.head(y)
-        return logits[..., :h, :w] if (pad_h or pad_w) else logits
+    def bottleneck(self, y: torch.Tensor) -> torch.Tensor:
+        return self.llm4seg(y)
 
 
 @register_model("llm4seg", description="LLM4Seg: U-Net + frozen LLaMA-3.2-1B layer 15 at the bottleneck",

@@ -65,6 +65,10 @@ class UNet(nn.Module):
         self.up = nn.ModuleList(Up(widths[i + 1], widths[i]) for i in reversed(range(depth)))
         self.head = nn.Conv2d(widths[0], num_classes, kernel_size=1)
 
+    def bottleneck(self, y: torch.Tensor) -> torch.Tensor:
+        """Hook on the deepest feature map (identity here; LLM4Seg puts its LLM layer there)."""
+        return y
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2:]
         multiple = 2**self.depth
@@ -74,7 +78,7 @@ class UNet(nn.Module):
         skips = [self.inc(x)]
         for down in self.down:
             skips.append(down(skips[-1]))
-        y = skips.pop()
+        y = self.bottleneck(skips.pop())
         for up in self.up:
             y = up(y, skips.pop())
         logits = self.head(y)
