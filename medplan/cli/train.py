@@ -130,6 +130,18 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def launch(args: argparse.Namespace, argv: list[str], module: str, overrides: dict, model_options: dict) -> int | None:
+    """Check the run (one clean error instead of one per process), then relaunch under
+    torchrun for ``--num-gpus N``; returns the exit code if relaunched, None to run here."""
+
+    def check() -> None:
+        from medplan.trainers import prepare
+
+        prepare(args.dataset, args.arch, args.fold, overrides=overrides, model_options=model_options)
+
+    return maybe_relaunch(args, argv, module, check)
+
+
 @entry_point("medplan_train")
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -137,12 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {**run_overrides(args), "lr": args.lr, "epochs": args.epochs, "stage": args.stage}
     model_options = weight_options(args, args.arch, parse_model_options(args.model_opt))
 
-    def check() -> None:
-        from medplan.trainers import prepare
-
-        prepare(args.dataset, args.arch, args.fold, overrides=overrides, model_options=model_options)
-
-    code = maybe_relaunch(args, argv, "medplan.cli.train", check)
+    code = launch(args, argv, "medplan.cli.train", overrides, model_options)
     if code is not None:
         return code
     from medplan.trainers import train

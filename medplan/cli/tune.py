@@ -9,7 +9,7 @@ import os
 import sys
 
 from medplan.cli import entry_point
-from medplan.cli.train import add_run_arguments, maybe_relaunch, parse_model_options, run_overrides, weight_options
+from medplan.cli.train import add_run_arguments, launch, parse_model_options, run_overrides, weight_options
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -30,12 +30,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in run_overrides(args).items() if k != "force"}
     model_options = weight_options(args, args.arch, parse_model_options(args.model_opt))
 
-    def check() -> None:
-        from medplan.trainers import prepare
-
-        prepare(args.dataset, args.arch, args.fold, overrides=overrides, model_options=model_options)
-
-    code = maybe_relaunch(args, argv, "medplan.cli.tune", check)
+    code = launch(args, argv, "medplan.cli.tune", overrides, model_options)
     if code is not None:
         return code
     from medplan.trainers import tune
