@@ -20,12 +20,7 @@ TINY = {"img_size": 64, "embed_dim": 32, "swin_heads": (1, 2, 4), "dlf_heads": (
         "cnn_backbone": "resnet18"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(in_channels=3, num_classes=2, **options) -> HiFormer:

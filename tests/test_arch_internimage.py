@@ -14,12 +14,7 @@ from medplan.errors import MedplanError
 TINY = {"channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8], "decoder_channels": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ DCNv3 operator

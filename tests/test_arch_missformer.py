@@ -12,12 +12,7 @@ from medplan.trainers.internal224 import MISSFormerTrainer
 TINY = {"dims": (8, 16, 40, 64), "layers": (1, 1, 1, 1)}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(in_channels=3, num_classes=2) -> MISSFormer:

@@ -14,12 +14,7 @@ TINY = {"embed_dims": [8, 16, 32, 32], "depths": [1, 1, 2, 1], "num_heads": [1, 
 TINY_MIT = {k: v for k, v in TINY.items() if k != "decoder_channels"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

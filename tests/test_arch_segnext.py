@@ -13,12 +13,7 @@ from medplan.errors import MedplanError
 TINY = {"embed_dims": [8, 16, 32, 32], "depths": [1, 1, 2, 1], "channels": 32}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 # ------------------------------------------------------------------ model

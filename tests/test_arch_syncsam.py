@@ -14,12 +14,7 @@ TINY = {"embed_dim": 32, "depth": 8, "num_heads": 2, "window_size": 4, "global_a
         "prompt_embed_dim": 32, "decoder_mlp_dim": 64, "decoder_heads": 2, "img_size": 128}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny(in_channels=1, num_classes=1, **options) -> SyncSAM:
