@@ -93,6 +93,31 @@ def _tmp_sibling(path: Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
 
 
+def remove_stale_temporaries(folder: str | Path, recursive: bool = False) -> list[Path]:
+    """Remove the hidden ``.NAME.XXXXXXXX.tmp`` / ``.old`` files and folders that a killed
+    atomic write leaves behind; returns what was removed.
+
+    Call it only while holding the lock of the stage that writes ``folder`` (medplan.locks),
+    so a temporary of a run still in progress is never taken for a leftover."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    removed: list[Path] = []
+    entries = folder.rglob(".*") if recursive else folder.glob(".*")
+    for entry in sorted(entries, key=lambda p: len(p.parts), reverse=True):
+        if not (entry.name.endswith(".tmp") or entry.name.endswith(".old")):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except FileNotFoundError:
+            continue
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, fsync: bool = True) -> Iterator[BinaryIO]:
     """A binary file handle whose content replaces ``path`` only when the block succeeds."""
@@ -160,6 +185,12 @@ def atomic_save_npy(path: str | Path, array: np.ndarray) -> None:
         np.save(f, np.ascontiguousarray(array))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_directory(final: str | Path) -> Iterator[Path]:
     """Build a folder under a temporary name and swap it in only if the block succeeds.
@@ -169,6 +200,7 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the final folder gets normal permissions
     try:
         yield tmp
     except BaseException:
