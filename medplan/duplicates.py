@@ -8,11 +8,20 @@ Three kinds, strongest first:
 * ``phash``            -- perceptual hashes within a Hamming distance ``threshold``
   (re-encoded JPEG copies, slightly brightened or resized copies).
 
-Duplicates are grouped transitively (connected components of the "is a duplicate of"
-graph) and one image per group is kept: the first case id in sorted (string) order, so the
-choice does not depend on the order of the scan or the number of workers. Patient groups
-are ignored on purpose: a copy of an image under another patient id is exactly the leak
-that would put the same pixels in a training and a validation fold.
+Which are dropped (``duplicates.csv`` records the decision for every pair or group):
+
+* exact duplicates (identical bytes or pixels) always: one copy is all a dataset needs;
+* perceptual near-duplicates only where they could leak. With patient groups (a group column
+  that splits the folds patient-aware) a near-duplicate under *another* patient id is exactly
+  the leak that would put nearly the same pixels in a training and a validation fold, so it
+  is dropped; near-duplicates *within* one patient (the end-diastole and end-systole frames
+  of one CAMUS acquisition) always land in the same fold, so they are reported and kept.
+  Without groups every near-duplicate is dropped, as any two cases may be split apart.
+
+Duplicates are grouped transitively (connected components of the "is a duplicate of" graph
+over the edges that lead to a drop) and one image per group is kept: the first case id in
+sorted (string) order, so the choice does not depend on the order of the scan or the number
+of workers; members of the kept case's own patient stay too, unless they are exact copies.
 
 Default threshold 4 of 64 bits (phash, hash_size 8): re-encoded (JPEG q 75-90) and
 brightened (+5..+10 grey levels) copies of structured images land at distance 0-4, while
@@ -25,7 +34,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -39,7 +48,7 @@ DEFAULT_HASH = "phash"
 DEFAULT_HASH_SIZE = 8
 DEFAULT_THRESHOLD = 4
 REASONS = ("identical_bytes", "identical_pixels", "phash")
-CSV_COLUMNS = ("case_id", "kept_case_id", "reason", "distance")
+CSV_COLUMNS = ("case_id", "kept_case_id", "reason", "distance", "decision")
 
 
 def _hash_functions() -> dict[str, Callable]:
@@ -143,12 +152,56 @@ def hamming(a: bytes, b: bytes) -> int:
 
 @dataclass(frozen=True)
 class Duplicate:
-    """One dropped case and why."""
+    """One duplicate pair and what was done: ``case_id`` dropped in favour of ``kept_case_id``,
+    or (``decision`` starting with "kept") both kept as near-duplicates within one patient."""
 
     case_id: str
     kept_case_id: str
     reason: str
     distance: int
+    decision: str = field(default="", compare=False)
+
+    @property
+    def dropped(self) -> bool:
+        return not self.decision.startswith("kept")
+
+
+@dataclass
+class DuplicateReport:
+    """What :func:`duplicate_decisions` found: the dropped cases and the near-duplicate pairs kept."""
+
+    dropped: list[Duplicate]
+    kept: list[Duplicate]
+    patient_aware: bool
+
+    @property
+    def rows(self) -> list[Duplicate]:
+        return sorted(self.dropped + self.kept, key=lambda d: (not d.dropped, d.case_id, d.kept_case_id))
+
+    def summary(self) -> str:
+        return summary_line([d.decision for d in self.dropped], len(self.kept))
+
+
+_DECISION_TEXT = {
+    "identical_bytes": "identical bytes",
+    "identical_pixels": "identical pixels",
+}
+
+
+def summary_line(decisions: Sequence[str], n_kept_pairs: int) -> str:
+    """``duplicates: 2 dropped (1 identical bytes, 1 near-duplicate across patients), 3
+    near-duplicate pair(s) within a patient kept``."""
+    counts: dict[str, int] = {}
+    for decision in decisions:
+        why = decision.split(":", 1)[1].strip() if ":" in decision else decision
+        counts[why] = counts.get(why, 0) + 1
+    if decisions:
+        text = f"duplicates: {len(decisions)} dropped ({', '.join(f'{n} {why}' for why, n in counts.items())})"
+    else:
+        text = "duplicates: none dropped"
+    if n_kept_pairs:
+        text += f", {n_kept_pairs} near-duplicate pair(s) within a patient kept (same fold; see duplicates.csv)"
+    return text
 
 
 def _equal_value_edges(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -163,9 +216,14 @@ def _equal_value_edges(values: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(src, dtype=np.int64), np.asarray(dst, dtype=np.int64)
 
 
-def find_duplicates(case_ids: Sequence[str], byte_digests: Sequence[str], pixel_digests: Sequence[str],
-                    hashes: Sequence[bytes], threshold: int = DEFAULT_THRESHOLD) -> list[Duplicate]:
-    """Group duplicates and return the dropped cases, sorted by case id.
+def duplicate_decisions(case_ids: Sequence[str], byte_digests: Sequence[str], pixel_digests: Sequence[str],
+                        hashes: Sequence[bytes], threshold: int = DEFAULT_THRESHOLD,
+                        groups: Sequence[str] | None = None) -> DuplicateReport:
+    """Decide, for every duplicate pair or group, what is dropped and what is kept.
+
+    ``groups`` (patient per case) is given when the split is patient-aware: near-duplicates
+    across patients are then dropped, those within one patient kept and reported. Without it
+    every near-duplicate is dropped. Exact duplicates are dropped either way.
 
     The reason of a dropped case is its relation to the kept case of its group: equal bytes,
     else equal pixels, else ``phash`` with the Hamming distance to the kept case (which can
@@ -177,49 +235,87 @@ def find_duplicates(case_ids: Sequence[str], byte_digests: Sequence[str], pixel_
     n = len(case_ids)
     if not (len(byte_digests) == len(pixel_digests) == len(hashes) == n):
         raise ValueError("case_ids, digests and hashes must have the same length")
+    if groups is not None and len(groups) != n:
+        raise ValueError("groups must have one entry per case")
+    aware = groups is not None
     if n < 2:
-        return []
+        return DuplicateReport([], [], aware)
     edges = [_equal_value_edges(byte_digests), _equal_value_edges(pixel_digests)]
-    i, j, _ = hamming_pairs(pack_hashes(list(hashes)), threshold)
+    i, j, d = hamming_pairs(pack_hashes(list(hashes)), threshold)
+    if aware:
+        same = np.array([groups[a] == groups[b] for a, b in zip(i.tolist(), j.tolist())], dtype=bool)
+        within = [(int(a), int(b), int(c)) for a, b, c in zip(i[same], j[same], d[same])]
+        i, j = i[~same], j[~same]
+    else:
+        within = []
     edges.append((i, j))
     src = np.concatenate([e[0] for e in edges])
     dst = np.concatenate([e[1] for e in edges])
-    if src.size == 0:
-        return []
-    graph = coo_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(n, n))
-    n_comp, comp = connected_components(graph, directed=False)
-    sizes = np.bincount(comp, minlength=n_comp)
-    order = np.argsort(comp, kind="stable")
-    starts = np.concatenate([[0], np.cumsum(sizes)])
     dropped: list[Duplicate] = []
-    for label in np.nonzero(sizes > 1)[0]:
-        members = sorted(order[starts[label]:starts[label + 1]].tolist(), key=lambda k: case_ids[k])
-        keep = members[0]
-        for k in members[1:]:
-            if byte_digests[k] == byte_digests[keep]:
-                reason, dist = "identical_bytes", 0
-            elif pixel_digests[k] == pixel_digests[keep]:
-                reason, dist = "identical_pixels", 0
-            else:
-                reason, dist = "phash", hamming(hashes[k], hashes[keep])
-            dropped.append(Duplicate(case_ids[k], case_ids[keep], reason, dist))
-    return sorted(dropped, key=lambda d: d.case_id)
+    if src.size:
+        graph = coo_matrix((np.ones(src.size, dtype=np.int8), (src, dst)), shape=(n, n))
+        n_comp, comp = connected_components(graph, directed=False)
+        sizes = np.bincount(comp, minlength=n_comp)
+        order = np.argsort(comp, kind="stable")
+        starts = np.concatenate([[0], np.cumsum(sizes)])
+        near = "near-duplicate across patients" if aware else "near-duplicate"
+        for label in np.nonzero(sizes > 1)[0]:
+            members = sorted(order[starts[label]:starts[label + 1]].tolist(), key=lambda k: case_ids[k])
+            keep = members[0]
+            kept = [keep]
+            for k in members[1:]:
+                twin = next((m for m in kept if byte_digests[m] == byte_digests[k]), None)
+                if twin is not None:
+                    dropped.append(Duplicate(case_ids[k], case_ids[twin], "identical_bytes", 0,
+                                             "dropped: identical bytes"))
+                    continue
+                twin = next((m for m in kept if pixel_digests[m] == pixel_digests[k]), None)
+                if twin is not None:
+                    dropped.append(Duplicate(case_ids[k], case_ids[twin], "identical_pixels", 0,
+                                             "dropped: identical pixels"))
+                    continue
+                if aware and groups[k] == groups[keep]:
+                    kept.append(k)  # the kept case's own patient: same fold, nothing to leak
+                    continue
+                dropped.append(Duplicate(case_ids[k], case_ids[keep], "phash", hamming(hashes[k], hashes[keep]),
+                                         f"dropped: {near}"))
+    gone = {dup.case_id for dup in dropped}
+    kept_pairs = []
+    for a, b, dist in within:
+        if case_ids[a] in gone or case_ids[b] in gone:
+            continue
+        first, second = sorted((case_ids[a], case_ids[b]))
+        kept_pairs.append(Duplicate(second, first, "phash", dist,
+                                    f"kept: near-duplicate within patient {groups[a]}"))
+    return DuplicateReport(sorted(dropped, key=lambda x: x.case_id),
+                           sorted(kept_pairs, key=lambda x: (x.case_id, x.kept_case_id)), aware)
+
+
+def find_duplicates(case_ids: Sequence[str], byte_digests: Sequence[str], pixel_digests: Sequence[str],
+                    hashes: Sequence[bytes], threshold: int = DEFAULT_THRESHOLD,
+                    groups: Sequence[str] | None = None) -> list[Duplicate]:
+    """The dropped cases of :func:`duplicate_decisions`, sorted by case id."""
+    return duplicate_decisions(case_ids, byte_digests, pixel_digests, hashes, threshold, groups).dropped
 
 
 def write_duplicates_csv(path: str | Path, duplicates: Sequence[Duplicate]) -> None:
-    """``duplicates.csv``: one row per dropped case (header only when nothing was dropped)."""
+    """``duplicates.csv``: one row per dropped case, then one per near-duplicate pair kept
+    within a patient; ``decision`` says which and why (header only when there are none)."""
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     writer.writerow(CSV_COLUMNS)
     for d in duplicates:
-        writer.writerow([d.case_id, d.kept_case_id, d.reason, d.distance])
+        decision = d.decision or ("dropped: " + _DECISION_TEXT.get(d.reason, "near-duplicate"))
+        writer.writerow([d.case_id, d.kept_case_id, d.reason, d.distance, decision])
     atomic_write_text(path, buf.getvalue())
 
 
 def read_duplicates_csv(path: str | Path) -> list[Duplicate]:
+    """Every row of ``duplicates.csv`` (files without a ``decision`` column list drops only)."""
     path = Path(path)
     if not path.is_file():
         raise MedplanError("file not found", path)
     with open(path, newline="", encoding="utf-8") as f:
-        return [Duplicate(r["case_id"], r["kept_case_id"], r["reason"], int(r["distance"]))
+        return [Duplicate(r["case_id"], r["kept_case_id"], r["reason"], int(r["distance"]),
+                          r.get("decision") or "dropped: " + _DECISION_TEXT.get(r["reason"], "near-duplicate"))
                 for r in csv.DictReader(f)]

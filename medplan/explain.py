@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from medplan.errors import MedplanError
-from medplan.io import atomic_write_bytes, atomic_write_json, atomic_write_text, case_stem, read_image, read_json
+from medplan.names import MAX_LENGTH, check_fold, check_name, check_names
+from medplan.io import atomic_write_bytes, atomic_write_json, atomic_write_text, case_stem, read_image, read_json, read_label
 
 TARGETS = ("pred", "gt")
 #: columns of ``pointing_game.csv`` (one row per case and foreground class)
@@ -391,6 +392,7 @@ def raw_case_files(plan: dict, dataset: str, case_id: str) -> tuple[Path, Path]:
     from medplan.io import IMAGE_SUFFIXES
     from medplan.paths import raw_dir
 
+    check_name(case_id, "case id")
     roots = [Path(plan["raw_dir"])] if plan.get("raw_dir") else []
     roots.append(raw_dir(dataset))
     for root in roots:
@@ -402,7 +404,7 @@ def raw_case_files(plan: dict, dataset: str, case_id: str) -> tuple[Path, Path]:
 
 
 def _read_label(path: Path) -> np.ndarray:
-    label = np.asarray(read_image(path))
+    label = np.asarray(read_label(path))
     if label.ndim == 3:
         label = label[:, :, 0]
     return label.astype(np.int64)
@@ -519,7 +521,11 @@ def tile_count(fig) -> int:
 
 # ============================================================================ outputs
 def _safe(name: str) -> str:
-    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in str(name))
+    """A file name from a case id or folder name that follows the name rule (never ``..``)."""
+    safe = "".join(ch if ch.isascii() and (ch.isalnum() or ch in "-_.") else "_" for ch in str(name))
+    if not safe or safe.startswith("."):
+        safe = "_" + safe
+    return safe[:MAX_LENGTH]
 
 
 def _merge_csv(path: Path, new: pd.DataFrame, keys: Sequence[str]) -> pd.DataFrame:
@@ -629,7 +635,9 @@ class ExplainRequest:
 
 
 def _model_dir(root: Path, dataset: str, arch: str) -> Path:
-    path = root / dataset / arch
+    from medplan.evaluation.aggregate import model_path
+
+    path = model_path(root, dataset, arch)
     if not path.is_dir():
         raise MedplanError(f"no results for {dataset}/{arch}", path)
     return path
@@ -781,6 +789,12 @@ def explain(req: ExplainRequest) -> dict[str, Any]:
     root = _results_root(req.results_root)
     if not req.archs:
         raise MedplanError("name at least one architecture (-a)")
+    # every name that becomes part of a path is checked before anything is read or written
+    check_name(req.dataset, "dataset name")
+    check_names(req.archs, "architecture name")
+    for fold in req.folds or []:
+        check_fold(fold)
+    check_names(req.cases or [], "case id")
     if req.target not in TARGETS:
         raise MedplanError(f"--target must be one of {', '.join(TARGETS)}, got {req.target!r}")
     images = list_images(req.images) if req.images else None

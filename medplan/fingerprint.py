@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
+import os
 import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -22,11 +24,14 @@ import numpy as np
 from PIL import Image, ImageChops
 
 import medplan
-from medplan.duplicates import (DEFAULT_HASH, DEFAULT_HASH_SIZE, DEFAULT_THRESHOLD, bytes_digest,
-                                check_hash_options, find_duplicates, perceptual_hash, pixel_digest,
-                                write_duplicates_csv)
+from medplan.duplicates import (DEFAULT_HASH, DEFAULT_HASH_SIZE, DEFAULT_THRESHOLD, DuplicateReport, bytes_digest,
+                                check_hash_options, duplicate_decisions, perceptual_hash, pixel_digest,
+                                summary_line, write_duplicates_csv)
 from medplan.errors import MedplanError
-from medplan.io import atomic_write_json, case_stem, image_suffix, IMAGE_SUFFIXES, read_image, read_json
+from medplan.names import check_name
+from medplan.io import (IMAGE_SUFFIXES, atomic_write_json, case_stem, image_suffix, os_error_from_record,
+                        os_error_record, os_errors, read_image, read_json, read_label, remove_stale_temporaries,
+                        with_path)
 from medplan.preprocessing import as_input_size, clean_data_dir, data_dir, run_tasks, write_case
 
 # A stored-RGB image counts as gray when fewer than GRAY_MAX_COLOR_SHARE of its pixels have
@@ -41,6 +46,8 @@ CORNER_ROWS = 0.25
 CORNER_COLS = 0.2
 FINGERPRINT_FILE = "fingerprint.json"
 DUPLICATES_FILE = "duplicates.csv"
+# Bumped when the duplicate decisions change, so a fingerprint made under older rules is redone.
+DUPLICATE_POLICY = 2  # 2: near-duplicates within one patient kept when the split is patient-aware
 
 
 @dataclass
@@ -110,6 +117,7 @@ def load_raw_index(raw_dir: str | Path) -> RawIndex:
         case_id = (row.get("case_id") or "").strip()
         if not case_id:
             raise MedplanError(f"empty case_id on line {line}", csv_path)
+        check_name(case_id, f"case id (line {line})", csv_path)  # it becomes a file name of the arrays
         if case_id in groups:
             raise MedplanError(f"case_id {case_id!r} appears twice (line {line})", csv_path)
         groups[case_id] = (row.get(group_column) or "").strip() or case_id if group_column else case_id
@@ -142,10 +150,13 @@ def _scan_case(task: tuple) -> dict:
         return _scan(case_id, Path(image_path), Path(label_path), opt)
     except MedplanError as exc:  # handed back as text: the parent raises it after stopping the pool
         return {"case_id": case_id, "error": str(exc)}
+    except OSError as exc:  # handed back with its file and operation, which pickling would lose
+        return {"case_id": case_id, "error": "os", "os_error": os_error_record(exc)}
 
 
 def _scan(case_id: str, image_path: Path, label_path: Path, opt: dict) -> dict:
-    data = image_path.read_bytes()
+    with os_errors(image_path, "read"):
+        data = image_path.read_bytes()
     image = read_image(image_path)
     if image.dtype != np.uint8:
         raise MedplanError(f"expected an 8-bit image, got {image.dtype}", image_path)
@@ -156,7 +167,7 @@ def _scan(case_id: str, image_path: Path, label_path: Path, opt: dict) -> dict:
     stored = 1 if image.ndim == 2 else 3
     if opt["channels"] is not None and stored != opt["channels"]:
         raise MedplanError(f"image has {stored} channel(s) but dataset.json declares {opt['channels']}", image_path)
-    label = read_image(label_path)
+    label = read_label(label_path)  # a palette PNG's indices are its classes
     if label.ndim != 2:
         raise MedplanError(f"label must be a single-channel (class index) image, got shape {label.shape}", label_path)
     if label.dtype != np.uint8:
@@ -209,6 +220,36 @@ def _scan(case_id: str, image_path: Path, label_path: Path, opt: dict) -> dict:
     }
 
 
+def _reserve(f, size: int, folder: Path) -> None:
+    """Allocate the histogram file's blocks now: a full disk is then an OSError here, not a
+    SIGBUS when the memory map touches a page later. Filesystems that cannot (EOPNOTSUPP,
+    EINVAL) are left to allocate on write, as before."""
+    if not hasattr(os, "posix_fallocate") or size <= 0:
+        return
+    try:
+        os.posix_fallocate(f.fileno(), 0, size)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG):
+            raise with_path(exc, folder, "write") from None
+
+
+def patient_aware(raw: RawIndex) -> bool:
+    """Whether the planner will split by patient: a group column with some group of 2+ cases
+    (the default planner's ``group_kfold`` rule)."""
+    return raw.group_column is not None and len(set(raw.groups.values())) < len(raw.case_ids)
+
+
+def duplicates_line(fingerprint: dict) -> str:
+    """One line for the logs of medplan_plan / medplan_preprocess: how many cases were dropped and why."""
+    dup = fingerprint.get("duplicates") or {}
+    if dup.get("summary"):
+        return dup["summary"]
+    why = {"identical_bytes": "identical bytes", "identical_pixels": "identical pixels", "phash": "near-duplicate"}
+    decisions = [f"dropped: {why.get(reason, reason)}" for reason, n in (dup.get("by_reason") or {}).items()
+                 for _ in range(int(n))]
+    return summary_line(decisions, len(dup.get("kept_within_group") or []))
+
+
 def _stats_from_hist(hist: np.ndarray) -> dict[str, float]:
     """Exact mean/std and inverted-CDF 0.5/99.5 percentiles of uint8 values from a histogram."""
     counts = [int(c) for c in hist]
@@ -247,33 +288,47 @@ def fingerprint_dataset(raw_dir: str | Path, out_dir: str | Path, *, hash_name: 
     n = len(ids)
     tasks = [(c, str(raw.image_paths[c]), str(raw.label_paths[c]), opt) for c in ids]
     records: list[dict] = []
-    with tempfile.TemporaryFile(dir=out_dir, prefix=".fingerprint_hist.", suffix=".tmp") as tmp:
-        hists = np.memmap(tmp, dtype=np.uint32, mode="w+", shape=(n, 4, 256))
-        with contextlib.closing(run_tasks(_scan_case, tasks, num_workers=num_workers, desc="fingerprint",
-                                          progress=progress)) as results:
-            for i, rec in enumerate(results):
-                if rec["error"] is not None:
-                    raise MedplanError(rec["error"])
-                hists[i] = rec.pop("hist")
-                records.append(rec)
-        dups = find_duplicates(ids, [r["bytes_digest"] for r in records], [r["pixel_digest"] for r in records],
-                               [r["phash"] for r in records], threshold)
+    with os_errors(out_dir, "write"):
+        tmp = tempfile.TemporaryFile(dir=out_dir, prefix=".fingerprint_hist.", suffix=".tmp")
+    with tmp:
+        shape = (n, 4, 256)
+        _reserve(tmp, int(np.prod(shape)) * 4, out_dir)
+        hists = np.memmap(tmp, dtype=np.uint32, mode="w+", shape=shape)
+        try:
+            with contextlib.closing(run_tasks(_scan_case, tasks, num_workers=num_workers, desc="fingerprint",
+                                              progress=progress)) as results:
+                for i, rec in enumerate(results):
+                    if rec["error"] is not None:
+                        if "os_error" in rec:
+                            raise os_error_from_record(rec["os_error"])
+                        raise MedplanError(rec["error"])
+                    hists[i] = rec.pop("hist")
+                    records.append(rec)
+        except BaseException:
+            if ddir is not None:  # arrays of the workers the pool stopped mid-write (joined by now)
+                remove_stale_temporaries(ddir)
+            raise
+        groups = [raw.groups[c] for c in ids] if patient_aware(raw) else None
+        report = duplicate_decisions(ids, [r["bytes_digest"] for r in records], [r["pixel_digest"] for r in records],
+                                     [r["phash"] for r in records], threshold, groups)
+        dups = report.dropped
         dropped = {d.case_id for d in dups}
         kept_idx = np.array([i for i, c in enumerate(ids) if c not in dropped], dtype=np.int64)
         total = np.zeros((4, 256), dtype=np.int64)
         for start in range(0, kept_idx.size, 4096):
             total += np.asarray(hists[kept_idx[start:start + 4096]], dtype=np.int64).sum(axis=0)
         del hists
-    fingerprint = _summarise(raw, records, kept_idx, total, dups, hash_name, hash_size, threshold, input_size)
+    fingerprint = _summarise(raw, records, kept_idx, total, report, hash_name, hash_size, threshold, input_size)
     if ddir is not None:
         clean_data_dir(ddir, [ids[i] for i in kept_idx])
-    write_duplicates_csv(out_dir / DUPLICATES_FILE, dups)
+    write_duplicates_csv(out_dir / DUPLICATES_FILE, report.rows)
     atomic_write_json(out_dir / FINGERPRINT_FILE, fingerprint)
     return fingerprint
 
 
-def _summarise(raw: RawIndex, records: list[dict], kept_idx: np.ndarray, total: np.ndarray, dups: list,
+def _summarise(raw: RawIndex, records: list[dict], kept_idx: np.ndarray, total: np.ndarray, report: DuplicateReport,
                hash_name: str, hash_size: int, threshold: int, input_size: Sequence[int] | None) -> dict[str, Any]:
+    dups = report.dropped
     kept = [records[i] for i in kept_idx]
     n_kept = len(kept)
     stored = raw.channels or (3 if any(r["channels"] == 3 for r in records) else 1)
@@ -355,7 +410,13 @@ def _summarise(raw: RawIndex, records: list[dict], kept_idx: np.ndarray, total: 
         "border_black_region": {"rows": CORNER_ROWS, "cols": CORNER_COLS, "level": BLACK_LEVEL},
         "duplicates": {
             "hash": hash_name, "hash_size": int(hash_size), "threshold": int(threshold),
+            "policy": DUPLICATE_POLICY, "patient_aware": report.patient_aware,
             "n_dropped": len(dups), "dropped": [d.case_id for d in dups], "by_reason": by_reason,
+            "decisions": {d.case_id: d.decision for d in dups},
+            # near-duplicates within one patient, kept because the split is patient-aware: a
+            # split that ignores patients must drop the first case of each pair as well
+            "kept_within_group": [[d.kept_case_id, d.case_id, d.distance] for d in report.kept],
+            "summary": report.summary(),
         },
         "arrays": None if input_size is None else {
             "input_size": list(as_input_size(input_size)),

@@ -30,6 +30,7 @@ from torch import nn
 
 from medplan.errors import MedplanError
 from medplan.io import atomic_write_png, case_stem, is_image_file, read_image, read_json, to_uint8
+from medplan.names import check_fold
 
 CHECKPOINTS = {"best": "checkpoint_best.pt", "final": "checkpoint_final.pt", "latest": "checkpoint_latest.pt"}
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
@@ -81,7 +82,7 @@ def resolve_fold_dirs(path: str | Path, folds: Sequence[int | str] | None = None
             raise MedplanError(f"no {ckpt} in this fold folder (train it first, or use --checkpoint)", path)
         return [path]
     if folds:
-        dirs = [path / f"fold_{f}" for f in folds]
+        dirs = [path / f"fold_{check_fold(f)}" for f in folds]
         for d in dirs:
             if not (d / ckpt).is_file():
                 raise MedplanError(f"fold has no {ckpt}" if d.is_dir() else "fold folder not found", d / ckpt)
@@ -249,7 +250,8 @@ class Predictor:
             raise MedplanError(f"expected a 2D gray or RGB image (H, W) or (H, W, 3), got shape {array.shape}", path)
         if array.dtype.kind not in "biuf":
             raise MedplanError(f"cannot use pixel type {array.dtype}", path)
-        return to_uint8(array)
+        window = self.plan.get("intensity_window")  # the training data's one window for >8-bit images
+        return to_uint8(array, (window["low"], window["high"]) if window else None)
 
     def _prepare(self, image: np.ndarray) -> np.ndarray:
         from medplan.preprocessing import prepare_image

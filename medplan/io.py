@@ -6,6 +6,7 @@ then renamed, so a kill at any moment leaves either the old file or the new one.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
 import os
@@ -13,7 +14,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -78,15 +79,174 @@ def read_image(path: str | Path) -> np.ndarray:
         raise MedplanError(f"cannot read image ({reason})", path) from None
 
 
-def to_uint8(array: np.ndarray) -> np.ndarray:
-    """Map any intensity range to uint8 (min-max), leaving uint8 input untouched."""
+# PIL modes whose pixel values are the stored numbers (class indices in a label map): a
+# palette ("P") PNG's indices are its labels in many public datasets, its colours only a view.
+_INDEX_MODES = ("P", "PA", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "1")
+
+
+def read_label(path: str | Path) -> np.ndarray:
+    """Decode a label map to ``(H, W)`` class values (or ``(H, W, C)`` for a colour file).
+
+    Unlike :func:`read_image`, a palette PNG gives its palette *indices*, not its colours;
+    16/32-bit integer maps keep their values. Colour (RGB) files and ITK formats are read as
+    :func:`read_image` reads them; callers decide whether colours mean classes.
+    """
+    path = Path(path)
+    if image_suffix(path) in PIL_SUFFIXES and path.is_file():
+        try:
+            with Image.open(path) as img:
+                mode = img.mode
+                if mode in _INDEX_MODES:
+                    img.load()
+                    if mode in ("PA", "LA"):
+                        img = img.getchannel(0)  # drop the alpha band, keep the index/gray band
+                    elif mode == "1":
+                        img = img.convert("L")
+                    array = np.asarray(img)
+                    if mode.startswith("I;16"):
+                        array = array.astype(np.uint16)
+                    return np.ascontiguousarray(array)
+        except (OSError, SyntaxError, ValueError):
+            pass  # read_image below names the file and the reason
+    return read_image(path)
+
+
+def to_uint8(array: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
+    """Map intensities to uint8, leaving uint8 input untouched.
+
+    With ``window=(low, high)`` (one dataset-wide window, see ``intensity_window`` in
+    dataset.json) values are clipped to it and scaled linearly, so equal raw intensities give
+    equal stored values in every image. Without it, the image's own min-max range is used.
+    Non-finite values (NaN) map to 0.
+    """
     if array.dtype == np.uint8:
         return array
     a = array.astype(np.float64)
-    lo, hi = float(a.min()), float(a.max())
+    finite = np.isfinite(a)
+    if window is not None:
+        lo, hi = float(window[0]), float(window[1])
+    elif finite.any():
+        lo, hi = float(a[finite].min()), float(a[finite].max())
+    else:
+        lo, hi = 0.0, 0.0
     if hi <= lo:
-        return np.zeros(a.shape, dtype=np.uint8)
-    return np.round((a - lo) / (hi - lo) * 255.0).astype(np.uint8)
+        out = np.where(finite & (a > lo), 255, 0) if window is not None else np.zeros(a.shape)
+        return out.astype(np.uint8)
+    scaled = np.clip((np.where(finite, a, lo) - lo) / (hi - lo), 0.0, 1.0)
+    return np.round(scaled * 255.0).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- OS errors
+# A full disk, a read-only folder or a missing permission is the user's to fix, not a bug:
+# the CLI prints one line naming the path and the operation (medplan.cli.entry_point).
+
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EFBIG, getattr(errno, "EDQUOT", errno.ENOSPC)}
+_SPACE_ERRNOS = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
+def with_path(exc: OSError, path: str | Path, operation: str) -> OSError:
+    """The same OS error, naming ``path`` and the ``operation`` ("write", "read", ...).
+
+    A failing ``write()`` raises an OSError without a file name, and an atomic write fails on
+    its hidden temporary name: the user needs the file they asked for.
+    """
+    name = exc.filename if exc.filename and not _is_temporary(exc.filename) else path
+    if exc.errno is not None:
+        new = OSError(exc.errno, exc.strerror or str(exc), os.fsdecode(name))
+    else:
+        new = OSError(errno.EIO, str(exc) or type(exc).__name__, os.fsdecode(name))
+    new.operation = operation  # type: ignore[attr-defined]
+    return new
+
+
+def find_os_error(exc: BaseException | None) -> OSError | None:
+    """The OSError behind ``exc`` (itself, or one in its cause/context chain), if any.
+
+    ``torch.save`` on a full disk raises a RuntimeError whose context is the OSError. A
+    MedplanError is already a message, and a context its raiser suppressed is not followed.
+    """
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        if isinstance(exc, MedplanError):
+            return None
+        seen.add(id(exc))
+        exc = exc.__cause__ if exc.__cause__ is not None else (None if exc.__suppress_context__ else exc.__context__)
+    return None
+
+
+def _human_bytes(n: int) -> str:
+    value = float(n)
+    for unit in ("bytes", "kB", "MB", "GB", "TB"):
+        if value < 1000 or unit == "TB":
+            return f"{int(value)} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1000
+    return f"{n} bytes"
+
+
+def free_space(path: str | Path) -> int | None:
+    """Free bytes on the filesystem of ``path`` (or its nearest existing parent)."""
+    p = Path(path)
+    for candidate in (p, *p.parents):
+        try:
+            if candidate.exists():
+                return shutil.disk_usage(candidate).free
+        except OSError:
+            return None
+    return None
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line: ``PATH: could not write (No space left on device; 1.2 MB free)``."""
+    filename = exc.filename2 if getattr(exc, "filename2", None) and _is_temporary(exc.filename) else exc.filename
+    operation = getattr(exc, "operation", None)
+    if operation is None:
+        operation = "write" if exc.errno in _WRITE_ERRNOS else "access"
+    reason = exc.strerror or str(exc) or type(exc).__name__
+    if exc.errno in _SPACE_ERRNOS and filename:
+        free = free_space(os.fsdecode(filename))
+        if free is not None:
+            reason += f"; {_human_bytes(free)} free now"
+    where = f"{os.fsdecode(filename)}: " if filename else ""
+    return f"{where}could not {operation} ({reason})"
+
+
+def _is_temporary(name: Any) -> bool:
+    base = os.path.basename(os.fsdecode(name)) if name else ""
+    return base.startswith(".") and (base.endswith(".tmp") or base.endswith(".old"))
+
+
+def os_error_record(exc: OSError) -> tuple:
+    """A worker's OSError as plain data: pickling an OSError keeps its number, reason and file
+    but drops the operation :func:`with_path` attached."""
+    return (exc.errno, exc.strerror or str(exc), exc.filename, getattr(exc, "operation", None))
+
+
+def os_error_from_record(record: Sequence[Any]) -> OSError:
+    """The OSError :func:`os_error_record` described, to raise in the parent process."""
+    number, reason, filename, operation = record
+    exc = OSError(number, reason, filename) if filename else OSError(number, reason)
+    if operation:
+        exc.operation = operation  # type: ignore[attr-defined]
+    return exc
+
+
+@contextlib.contextmanager
+def os_errors(path: str | Path, operation: str) -> Iterator[None]:
+    """Re-raise any OSError of the block (also one hidden in a wrapping exception) as
+    :func:`with_path` of ``path``."""
+    try:
+        yield
+    except BaseException as exc:
+        if isinstance(exc, (KeyboardInterrupt, SystemExit, GeneratorExit)):
+            raise
+        os_error = find_os_error(exc)
+        if os_error is None or os_error is exc and getattr(exc, "operation", None) is not None:
+            raise
+        if getattr(os_error, "operation", None) is not None:  # named further down: unwrap only
+            raise os_error from None
+        raise with_path(os_error, path, operation) from None
 
 
 def _tmp_sibling(path: Path) -> Path:
@@ -122,18 +282,21 @@ def remove_stale_temporaries(folder: str | Path, recursive: bool = False) -> lis
 def atomic_open(path: str | Path, fsync: bool = True) -> Iterator[BinaryIO]:
     """A binary file handle whose content replaces ``path`` only when the block succeeds."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with os_errors(path.parent, "create folder"):
+        path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
     try:
-        with open(tmp, "wb") as f:
-            yield f
-            if fsync:
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
+        with os_errors(path, "write"):
+            with open(tmp, "wb") as f:
+                yield f
+                if fsync:
+                    f.flush()
+                    os.fsync(f.fileno())
+            os.replace(tmp, path)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        with contextlib.suppress(OSError):
+            if tmp.exists():
+                tmp.unlink()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -164,7 +327,11 @@ def read_json(path: str | Path) -> Any:
     if not path.is_file():
         raise MedplanError("file not found", path)
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with os_errors(path, "read"):
+            text = path.read_text(encoding="utf-8")
+        return json.loads(text)
+    except UnicodeDecodeError:
+        raise MedplanError("not valid JSON (not UTF-8 text)", path) from None
     except json.JSONDecodeError as exc:
         raise MedplanError(f"not valid JSON ({exc.msg} at line {exc.lineno})", path) from None
 
@@ -198,8 +365,9 @@ def atomic_directory(final: str | Path) -> Iterator[Path]:
     On any error the temporary folder is removed and an existing ``final`` stays intact.
     """
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    with os_errors(final, "create folder"):
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the final folder gets normal permissions
     try:
         yield tmp

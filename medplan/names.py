@@ -51,3 +51,16 @@ def inside(root: str | Path, path: str | Path) -> Path:
     if path_a != root_a and root_a not in path_a.parents:
         raise MedplanError(f"refusing to use a path outside {root_a}", path)
     return path_a
+
+
+def check_fold(fold: object, source: str | Path | None = None) -> int | str:
+    """A fold as it becomes ``fold_K`` in a path: a non-negative integer (``3``, ``"3"``) or a
+    name such as ``all``; returned as an int when it is one, else as the checked string."""
+    if isinstance(fold, bool):
+        raise MedplanError(f"invalid fold {fold!r}: must be an integer >= 0 or a name ({RULE})", source)
+    if isinstance(fold, int):
+        if fold < 0:
+            raise MedplanError(f"invalid fold {fold!r}: must be an integer >= 0 or a name ({RULE})", source)
+        return fold
+    name = check_name(fold, "fold", source)
+    return int(name) if name.isdigit() else name

@@ -8,6 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from medplan.names import check_fold, check_name, inside
+
 DEFAULT_ROOT = Path.home() / "medplan_data"
 
 _ENV = {
@@ -38,17 +40,28 @@ def results_root() -> Path:
 
 
 def raw_dir(dataset: str) -> Path:
-    return raw_root() / dataset
+    """``$MEDPLAN_RAW/DATASET``; the name follows :mod:`medplan.names` (never leaves the root)."""
+    return _under(raw_root(), dataset)
 
 
 def preprocessed_dir(dataset: str) -> Path:
-    return preprocessed_root() / dataset
+    """``$MEDPLAN_PREPROCESSED/DATASET`` (checked like :func:`raw_dir`)."""
+    return _under(preprocessed_root(), dataset)
 
 
 def results_dir(dataset: str, arch: str | None = None, fold: int | str | None = None) -> Path:
-    path = results_root() / dataset
+    """``$MEDPLAN_RESULTS/DATASET[/ARCH[/fold_K]]``; every part is a checked name."""
+    root = results_root()
+    path = _under(root, dataset)
     if arch is not None:
-        path = path / arch
+        path = path / check_name(arch, "architecture name")
     if fold is not None:
-        path = path / f"fold_{fold}"
+        path = path / f"fold_{check_fold(fold)}"
+    inside(root, path)
+    return path
+
+
+def _under(root: Path, dataset: str) -> Path:
+    path = root / check_name(dataset, "dataset name")
+    inside(root, path)
     return path

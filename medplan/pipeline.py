@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 from pathlib import Path
@@ -13,11 +14,13 @@ from typing import Any, Callable
 
 from medplan.errors import MedplanError
 from medplan.io import atomic_write_json, read_json
+from medplan.locks import locked_dataset_stage
 from medplan.paths import preprocessed_dir
 from medplan.planners import get_planner
 from medplan.planners.overrides import apply_overrides
-from medplan.planners.schema import finalize_plan
-from medplan.splits import check_splits, make_splits
+from medplan.planners.schema import check_overrides, finalize_plan
+from medplan.names import check_name
+from medplan.splits import check_splits, make_splits, validate_splits
 
 Log = Callable[[str], None]
 
@@ -43,14 +46,16 @@ def raw_signature(raw_dir: Path) -> str:
 
 def _fingerprint(name: str, raw_dir: Path, out_dir: Path, options: dict[str, Any], input_size: list[int] | None,
                  num_workers: int | None, refingerprint: bool, progress: bool, log: Log) -> dict:
-    from medplan.fingerprint import fingerprint_dataset
+    from medplan.fingerprint import DUPLICATE_POLICY, duplicates_line, fingerprint_dataset
 
     signature = raw_signature(raw_dir)
     path = out_dir / "fingerprint.json"
     if path.is_file() and not refingerprint:
         old = read_json(path)
-        if old.get("raw_signature") == signature and old.get("fingerprint_options") == options:
+        if old.get("raw_signature") == signature and old.get("fingerprint_options") == options \
+                and (old.get("duplicates") or {}).get("policy") == DUPLICATE_POLICY:
             log(f"fingerprint: up to date ({path})")
+            log(duplicates_line(old))
             return old
     log(f"fingerprint: scanning {raw_dir}")
     kwargs = {k: v for k, v in options.items() if v is not None}
@@ -59,49 +64,87 @@ def _fingerprint(name: str, raw_dir: Path, out_dir: Path, options: dict[str, Any
     fp["raw_signature"] = signature
     fp["fingerprint_options"] = options
     atomic_write_json(path, fp)
+    log(duplicates_line(fp))
     return fp
 
 
 def _cases_and_groups(raw_dir: Path, plan: dict) -> tuple[list[str], list[str] | None]:
-    import pandas as pd  # imported here: training processes import this module and never need it
-
-    table = pd.read_csv(raw_dir / "cases.csv", dtype=str, keep_default_na=False)
-    excluded = set(plan["excluded_cases"])
-    table = table[~table["case_id"].isin(excluded)]
-    cases = table["case_id"].tolist()
+    """The kept cases of ``cases.csv`` (minus the plan's ``excluded_cases``) and, when the
+    split is patient-aware, their groups; every case id is a checked name."""
+    path = raw_dir / "cases.csv"
+    if not path.is_file():
+        raise MedplanError("file not found (the raw dataset's case list)", path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = reader.fieldnames or []
+    if "case_id" not in columns:
+        raise MedplanError("missing column 'case_id'", path)
     column = plan["split"].get("group_column")
-    if plan["split"]["strategy"] == "group_kfold":
-        if not column or column not in table.columns:
-            raise MedplanError(f"split.group_column {column!r} is not a column", raw_dir / "cases.csv")
-        return cases, table[column].tolist()
-    return cases, None
+    grouped = plan["split"]["strategy"] == "group_kfold"
+    if grouped and (not column or column not in columns):
+        raise MedplanError(f"split.group_column {column!r} is not a column", path)
+    excluded = set(plan["excluded_cases"])
+    cases: list[str] = []
+    groups: list[str] = []
+    seen: set[str] = set()
+    for line, row in enumerate(rows, start=2):
+        case = (row.get("case_id") or "").strip()
+        check_name(case, f"case id (line {line})", path)
+        if case in seen:
+            raise MedplanError(f"case_id {case!r} appears twice (line {line})", path)
+        seen.add(case)
+        if case in excluded:
+            continue
+        cases.append(case)
+        if grouped:
+            groups.append((row.get(column) or "").strip() or case)
+    return cases, (groups if grouped else None)
 
 
-def _splits(plan: dict, raw_dir: Path, out_dir: Path, log: Log) -> list[dict]:
-    """Reuse splits.json when it still fits the kept cases and split settings, else make new ones."""
+def _splits(plan: dict, raw_dir: Path, out_dir: Path, log: Log) -> tuple[list[dict], bool]:
+    """``(splits, new)``: splits.json when it still fits the kept cases and split settings, else
+    new splits; nothing is written here (the caller writes new ones with :func:`_write_splits`)."""
     cases, groups = _cases_and_groups(raw_dir, plan)
     group_map = dict(zip(cases, groups)) if groups is not None else None
     path = out_dir / "splits.json"
     settings_path = out_dir / "splits_settings.json"
-    if path.is_file() and settings_path.is_file() and read_json(settings_path) == plan["split"]:
-        existing = read_json(path)
+    if path.is_file() and settings_path.is_file():
         try:
-            check_splits(existing, cases, group_map)
-        except MedplanError:
-            log("splits: the kept cases changed; making new splits")
+            same = read_json(settings_path) == plan["split"]
+            existing = validate_splits(read_json(path), cases, group_map, n_folds=plan["split"]["n_folds"],
+                                       excluded=plan["excluded_cases"], source=path) if same else None
+            if existing is not None:
+                check_splits(existing, cases, group_map)
+        except MedplanError as exc:
+            log(f"splits: {exc}; making new splits")
         else:
-            if len(existing) == plan["split"]["n_folds"]:
+            if existing is not None:
                 log(f"splits: kept existing {path}")
-                return existing
-    splits = make_splits(cases, groups, n_folds=plan["split"]["n_folds"], seed=plan["split"]["seed"])
+                return existing, False
+    try:
+        splits = make_splits(cases, groups, n_folds=plan["split"]["n_folds"], seed=plan["split"]["seed"])
+    except MedplanError as exc:
+        raise MedplanError(f"cannot split {plan.get('dataset')}: {exc} (medplan_plan -d {plan.get('dataset')} "
+                           "--set split.n_folds=K)", out_dir / "splits.json") from None
     check_splits(splits, cases, group_map)
-    atomic_write_json(path, splits)
-    atomic_write_json(settings_path, plan["split"])
     sizes = ", ".join(str(len(f["val"])) for f in splits)
     log(f"splits: {len(splits)} folds ({plan['split']['strategy']}), validation sizes {sizes}")
-    return splits
+    return splits, True
 
 
+def _write_splits(out_dir: Path, plan: dict, splits: list[dict]) -> None:
+    atomic_write_json(out_dir / "splits.json", splits)
+    atomic_write_json(out_dir / "splits_settings.json", plan["split"])
+
+
+def _plan_command(name: str, plan_: dict) -> str:
+    """The medplan_plan command that makes this plan again (with the user's --set values)."""
+    sets = "".join(f" --set {k}={json.dumps(v, separators=(',', ':'))}" for k, v in (plan_.get("overrides") or {}).items())
+    return f"medplan_plan -d {name}{sets}"
+
+
+@locked_dataset_stage("plan")
 def plan(name: str, *, overrides: dict[str, Any] | None = None, planner: str = "default",
          hash_name: str | None = None, hash_size: int | None = None, threshold: int | None = None,
          num_workers: int | None = None, refingerprint: bool = False, progress: bool = True,
@@ -109,6 +152,8 @@ def plan(name: str, *, overrides: dict[str, Any] | None = None, planner: str = "
     """Fingerprint, plan and split dataset ``name``; write fingerprint/plans/splits; return the plan."""
     from medplan.datasets import resolve_raw_dataset
 
+    check_name(name, "dataset name")
+    check_overrides(overrides)  # a bad --set fails now, not after the fingerprint pass
     raw_dir = resolve_raw_dataset(name, progress=progress)
     out_dir = preprocessed_dir(name)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,20 +164,52 @@ def plan(name: str, *, overrides: dict[str, Any] | None = None, planner: str = "
     size = (overrides or {}).get("input_size", [512, 512])
     size = [size, size] if isinstance(size, int) else size
     fp = _fingerprint(name, raw_dir, out_dir, options, size, num_workers, refingerprint, progress, log)
-    dataset_json = read_json(raw_dir / "dataset.json")
+    dataset_path = raw_dir / "dataset.json"
+    dataset_json = read_json(dataset_path)
+    if not isinstance(dataset_json, dict):
+        raise MedplanError("expected a JSON object", dataset_path)
+    if dataset_json.get("name") is not None:
+        check_name(dataset_json["name"], "dataset name", dataset_path)
     new = planner_fn(fp, dataset_json, raw_dir=raw_dir)
     new["dataset"] = name
     new["planner"] = planner
-    new = finalize_plan(apply_overrides(new, overrides), source=out_dir / "plans.json")
     plans_path = out_dir / "plans.json"
+    source = f"{plans_path} with --set {', '.join(overrides)}" if overrides else plans_path
+    new = finalize_plan(apply_overrides(new, overrides), source=source)
+    _drop_within_group_pairs_if_split_ignores_groups(new, fp, log)
+    # plan and splits are one step: the splits are made (or a failure raised) before anything is
+    # written, and written before the plan, so a plan on disk always has its splits beside it
+    splits, fresh = _splits(new, raw_dir, out_dir, log)
+    if fresh:
+        _write_splits(out_dir, new, splits)
     if plans_path.is_file():
-        old = read_json(plans_path)
-        if {k: v for k, v in old.items() if k != "created"} != {k: v for k, v in new.items() if k != "created"}:
+        try:
+            old = read_json(plans_path)
+        except MedplanError:
+            old = None
+        if isinstance(old, dict) and ({k: v for k, v in old.items() if k != "created"}
+                                      != {k: v for k, v in new.items() if k != "created"}):
             atomic_write_json(out_dir / "plans.previous.json", old)
             log(f"plan: replaced {plans_path} (previous kept as plans.previous.json)")
     atomic_write_json(plans_path, new)
-    _splits(new, raw_dir, out_dir, log)
     return new
+
+
+def _drop_within_group_pairs_if_split_ignores_groups(plan_: dict, fp: dict, log: Log) -> None:
+    """Near-duplicates within one patient are kept because a patient-aware split puts them in
+    one fold; a split that ignores patients (``--set split.strategy=kfold``) could put them on
+    both sides, so there the second case of each pair is dropped too, and the plan says so."""
+    pairs = (fp.get("duplicates") or {}).get("kept_within_group") or []
+    if plan_["split"]["strategy"] == "group_kfold" or not pairs:
+        return
+    extra = sorted({str(pair[1]) for pair in pairs} - set(plan_["excluded_cases"]))
+    if not extra:
+        return
+    plan_["excluded_cases"] = sorted(set(plan_["excluded_cases"]) | set(extra))
+    note = (f"{len(extra)} near-duplicate(s) within a patient also dropped: the split "
+            f"({plan_['split']['strategy']}) does not keep a patient's cases in one fold")
+    plan_["reasons"]["excluded_cases"] = "; ".join(filter(None, [plan_["reasons"].get("excluded_cases"), note]))
+    log(f"duplicates: {note}")
 
 
 def load_plan(name: str) -> dict:
@@ -144,14 +221,34 @@ def load_plan(name: str) -> dict:
     return finalize_plan(read_json(path), source=path)
 
 
-def load_splits(name: str) -> list[dict]:
+def load_splits(name: str, plan: dict | None = None) -> list[dict]:
+    """The dataset's splits.json, checked against its plan and cases.csv before anything uses it
+    (:func:`medplan.splits.validate_splits`); a one-line MedplanError names the first problem."""
     path = preprocessed_dir(name) / "splits.json"
     if not path.is_file():
-        raise MedplanError(f"no splits for dataset {name!r}; run medplan_preprocess -d {name}", path)
+        raise MedplanError(f"no splits for dataset {name!r}; run medplan_preprocess -d {name} "
+                           "(it makes them from the plan)", path)
+    plan_ = plan if plan is not None else load_plan(name)
     splits = read_json(path)
-    if not isinstance(splits, list) or not all(isinstance(f, dict) and {"train", "val"} <= f.keys() for f in splits):
-        raise MedplanError("expected a list of {\"train\": [...], \"val\": [...]}", path)
-    return splits
+    cases, groups = _cases_and_groups(raw_dir_of(plan_), plan_)
+    group_map = dict(zip(cases, groups)) if groups is not None else None
+    return validate_splits(splits, cases, group_map, n_folds=plan_["split"]["n_folds"],
+                           excluded=plan_["excluded_cases"], source=path)
+
+
+def _ensure_splits(name: str, plan_: dict, log: Log) -> None:
+    """A missing splits.json is made from the plan; a present one must pass :func:`load_splits`
+    (a bad one is never replaced silently: the error says what to run)."""
+    out_dir = preprocessed_dir(name)
+    if not (out_dir / "splits.json").is_file():
+        splits, _ = _splits(plan_, raw_dir_of(plan_), out_dir, log)
+        _write_splits(out_dir, plan_, splits)
+        log(f"splits: {out_dir / 'splits.json'} was missing; made it from the plan")
+        return
+    try:
+        load_splits(name, plan_)
+    except MedplanError as exc:
+        raise MedplanError(f"{exc}; fix or delete it, or make new splits with {_plan_command(name, plan_)}") from None
 
 
 def raw_dir_of(plan_: dict) -> Path:
@@ -164,6 +261,7 @@ def raw_dir_of(plan_: dict) -> Path:
     return resolve_raw_dataset(plan_["dataset"])
 
 
+@locked_dataset_stage("preprocess")
 def preprocess(name: str, *, replan: bool = False, overrides: dict[str, Any] | None = None,
                num_workers: int | None = None, progress: bool = True, log: Log = _quiet,
                **plan_options: Any) -> Path:
@@ -180,9 +278,13 @@ def preprocess(name: str, *, replan: bool = False, overrides: dict[str, Any] | N
             overrides = plan_.get("overrides")
             replan = True
         else:
+            from medplan.fingerprint import duplicates_line
+
             log(f"plan: using {plans_path}")
+            log(duplicates_line(read_json(fp_path)))
     if replan or overrides or not plans_path.is_file():
         plan_ = plan(name, overrides=overrides, num_workers=num_workers, progress=progress, log=log, **plan_options)
+    _ensure_splits(name, plan_, log)
     data = preprocess_dataset(raw_dir_of(plan_), preprocessed_dir(name), plan_, num_workers=num_workers,
                               progress=progress)
     log(f"preprocess: arrays in {data}")

@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from medplan.errors import MedplanError
-from medplan.io import atomic_save_npy, atomic_write_json, read_image
+from medplan.io import atomic_save_npy, atomic_write_json, read_image, read_label, remove_stale_temporaries
 
 # Bump when the array layout or the resampling changes: every array is then redone.
 ARRAY_FORMAT_VERSION = 1
@@ -243,7 +243,7 @@ def _preprocess_one(task: tuple) -> tuple[str, str | None]:
     case_id, image_path, label_path, ddir, input_size, channels = task
     try:
         image = read_image(image_path)
-        label = read_image(label_path)
+        label = read_label(label_path)  # a palette PNG's indices are its classes
         if label.ndim != 2:
             raise MedplanError(f"label must be a single-channel (class index) image, got shape {label.shape}",
                                label_path)
@@ -310,9 +310,13 @@ def preprocess_dataset(raw_dir: str | Path, out_dir: str | Path, plan: dict, *, 
     key = plan_key(input_size, channels)
     todo = [c for c in wanted if not case_is_done(ddir, c, key)]
     tasks = [(c, str(raw.image_paths[c]), str(raw.label_paths[c]), str(ddir), input_size, channels) for c in todo]
-    with contextlib.closing(run_tasks(_preprocess_one, tasks, num_workers=num_workers, desc="preprocess",
-                                      progress=progress)) as results:
-        for _, error in results:
-            if error is not None:
-                raise MedplanError(error)
+    try:
+        with contextlib.closing(run_tasks(_preprocess_one, tasks, num_workers=num_workers, desc="preprocess",
+                                          progress=progress)) as results:
+            for _, error in results:
+                if error is not None:
+                    raise MedplanError(error)
+    except BaseException:
+        remove_stale_temporaries(ddir)  # of the workers the pool stopped mid-write (they are joined by now)
+        raise
     return ddir

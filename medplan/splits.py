@@ -6,11 +6,16 @@ relabelled by a seeded permutation first: the seed then decides which patients s
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+import difflib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from medplan.errors import MedplanError
+from medplan.names import RULE, is_valid_name
+
+FOLD_KEYS = ("train", "val")
 
 
 def make_splits(case_ids: Sequence[str], groups: Sequence[str] | None, *, n_folds: int = 5,
@@ -57,3 +62,57 @@ def check_splits(splits: list[dict], case_ids: Sequence[str], groups: dict[str, 
                 g = groups[case]
                 if owner.setdefault(g, k) != k:
                     raise MedplanError(f"splits.json: group {g!r} is in validation folds {owner[g]} and {k}")
+
+
+def validate_splits(splits: object, kept: Sequence[str], groups: Mapping[str, str] | None = None, *,
+                    n_folds: int | None = None, excluded: Sequence[str] = (),
+                    source: str | Path = "splits.json") -> list[dict[str, list[str]]]:
+    """Check a ``splits.json`` as it is read, before anything trains on it; return its folds.
+
+    A list of ``{"train": [...], "val": [...]}`` with valid case ids (:mod:`medplan.names`), no
+    id twice in a list, no id on both sides of a fold, only ``kept`` cases (cases.csv minus the
+    plan's excluded cases), a non-empty train and val list per fold, no ``groups`` value on
+    both sides of a fold (when the split is patient-aware) and ``n_folds`` folds. The first
+    problem is a one-line MedplanError naming ``source``. Unlike :func:`check_splits` it does
+    not ask every kept case to be validated once, so a hand-made split may leave cases out.
+    """
+    if not isinstance(splits, list) or not splits:
+        raise MedplanError('expected a non-empty list of {"train": [...], "val": [...]}', source)
+    kept_set, excluded_set = set(kept), set(excluded)
+    for k, fold in enumerate(splits):
+        if not isinstance(fold, dict):
+            raise MedplanError(f'fold {k} is not an object {{"train": [...], "val": [...]}}', source)
+        for key in fold:
+            if key not in FOLD_KEYS:
+                close = difflib.get_close_matches(str(key), FOLD_KEYS, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f" (a fold holds {' and '.join(FOLD_KEYS)})"
+                raise MedplanError(f"fold {k} has unknown key {key!r}{hint}", source)
+        seen: dict[str, str] = {}
+        for side in FOLD_KEYS:
+            ids = fold.get(side)
+            if not isinstance(ids, list):
+                raise MedplanError(f"fold {k} {side!r} must be a list of case ids, got {type(ids).__name__}", source)
+            if not ids:
+                raise MedplanError(f"fold {k} has an empty {side!r} list", source)
+            for case in ids:
+                if not is_valid_name(case):
+                    shown = repr(case) if not isinstance(case, str) or len(case) <= 80 else repr(case[:80] + "...")
+                    raise MedplanError(f"fold {k} {side!r}: invalid case id {shown}: must be {RULE}", source)
+                if case in seen:
+                    where = f"twice in fold {k} {side!r}" if seen[case] == side else f"in both train and val of fold {k}"
+                    raise MedplanError(f"case {case!r} is {where}", source)
+                seen[case] = side
+                if case not in kept_set:
+                    why = ("excluded by the plan (a duplicate, see duplicates.csv)" if case in excluded_set
+                           else "not a case of cases.csv")
+                    raise MedplanError(f"fold {k} {side!r}: case {case!r} is {why}", source)
+        if groups:
+            train_groups = {groups[c] for c in fold["train"] if c in groups}
+            for case in fold["val"]:
+                g = groups.get(case)
+                if g is not None and g in train_groups:
+                    raise MedplanError(f"fold {k}: group {g!r} (case {case!r}) is in both train and val; the plan's "
+                                       "split is patient-aware", source)
+    if n_folds is not None and len(splits) != n_folds:
+        raise MedplanError(f"{len(splits)} fold(s), but the plan's split.n_folds is {n_folds}", source)
+    return [{"train": list(f["train"]), "val": list(f["val"])} for f in splits]

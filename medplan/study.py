@@ -14,12 +14,40 @@ and an interrupted fold resumes from its latest checkpoint. Jobs go through subm
 on CPU), ``slurm`` hands them to the cluster as array jobs with stage dependencies,
 ``inline`` runs them in this process (debugging, tests). A driver that finds jobs of an
 earlier driver still queued or running waits for them instead of submitting them again.
+
+Trust. ``study.json`` is read like any file someone else may have edited: its dataset and
+architecture names follow :mod:`medplan.names`, its job ids and SLURM options are checked, so
+nothing from it can put a line into a batch script (submitit's ``job_name`` is built only from
+checked names, and every value that reaches the script is refused if it holds a control
+character). The driver learns how a job ended from a small JSON file the job writes itself
+(``study_jobs/EXECUTOR/outcomes/JOB_ID.json``: status, one-line error, times), never by
+unpickling anything. Every way SLURM or submitit can refuse (no ``sbatch``/``squeue``/``srun``
+on PATH, a refused partition, sbatch failing) is one :class:`MedplanError` line, with the
+jobs of the round that were already queued cancelled.
+
+Stale folds. A fold counts as done only when its results are complete *and* its
+``config.json`` records what this study would run now: the same plan (hashed, timestamps
+aside), LR (the LR search's choice, else what ``medplan_train`` would pick), epochs, batch size
+and architecture options. A fold trained (or partly trained) with other settings is *stale*:
+``--status`` and ``--dry-run`` list it with what differs, and it never counts as complete.
+Stale folds are not retrained silently: a run that finds one refuses before submitting
+anything, saying which folds differ and how; ``--rerun-stale`` (``Study.rerun_stale``, set
+anew by every ``medplan_benchmark`` call) retrains them with ``--force`` semantics, which
+replaces their earlier results (the trainer's fold lock keeps a fold that is still training
+from being touched). A fold whose LR is chosen by an LR search that has not finished yet is
+judged after the search: if it is stale then and ``--rerun-stale`` was not given, its job
+refuses at once (training nothing) and it is reported as failed with the same advice, not
+retried.
 """
 from __future__ import annotations
 
 import dataclasses
 import datetime as _dt
+import hashlib
+import json
+import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -30,12 +58,17 @@ from typing import Any, Callable, Iterable
 
 from medplan.errors import MedplanError
 from medplan.io import atomic_write_json, atomic_write_text, read_json
+from medplan.names import check_name, check_names
 
 STUDY_FILE = "study.json"
 REPORT_FILE = "study_report.md"
 REPORT_STATE = "study_report.json"
 EXECUTORS = ("local", "slurm", "inline")
 JOBS_DIR = "study_jobs"
+OUTCOMES_DIR = "outcomes"
+#: job ids as SLURM (``123``, ``123_4``), the local executor (a pid) and the inline one write them
+JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
 # ----------------------------------------------------------------------------- study file
@@ -67,6 +100,7 @@ class Study:
     model_options: dict[str, dict] = field(default_factory=dict)   # arch -> builder options
     retries: int = 2
     measure_steps: int = 5
+    rerun_stale: bool = False                    # retrain stale folds (set by each medplan_benchmark call)
     slurm: SlurmOptions = field(default_factory=SlurmOptions)
     jobs: dict[str, dict] = field(default_factory=dict)
     created: str = field(default_factory=lambda: _dt.datetime.now().isoformat(timespec="seconds"))
@@ -81,9 +115,75 @@ class Study:
         unknown = sorted(set(data) - known)
         if unknown or not data.get("datasets") or not data.get("archs"):
             raise MedplanError(f"not a study file (unknown keys {unknown} or no datasets/archs)", path)
-        slurm = SlurmOptions(**{k: v for k, v in (data.pop("slurm", None) or {}).items()
+        slurm_data = data.pop("slurm", None) or {}
+        if not isinstance(slurm_data, dict):
+            raise MedplanError("'slurm' must be an object", path)
+        slurm = SlurmOptions(**{k: v for k, v in slurm_data.items()
                                 if k in {f.name for f in dataclasses.fields(SlurmOptions)}})
-        return cls(**data, slurm=slurm)
+        study = cls(**data, slurm=slurm)
+        study.validate(path)
+        return study
+
+    def validate(self, source: str | Path | None = None) -> "Study":
+        """Types, ranges and names of every field: a study file from elsewhere (or a bad
+        command line) fails here, before anything is submitted."""
+        def bad(what: str) -> MedplanError:
+            return MedplanError(f"invalid study: {what}", source)
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        for name, kind in (("datasets", "dataset name"), ("archs", "architecture name")):
+            value = getattr(self, name)
+            if not isinstance(value, list) or not value:
+                raise bad(f"'{name}' must be a non-empty list")
+            check_names(value, kind, source)
+        if self.folds is not None and (not isinstance(self.folds, list) or not all(is_int(f) and f >= 0
+                                                                                 for f in self.folds)):
+            raise bad(f"'folds' must be a list of integers >= 0, got {self.folds!r}")
+        if not isinstance(self.executor, str) or self.executor not in EXECUTORS:
+            raise bad(f"unknown executor {self.executor!r} (known: {', '.join(EXECUTORS)})")
+        for name in ("lr_search", "rerun_stale"):
+            if not isinstance(getattr(self, name), bool):
+                raise bad(f"'{name}' must be true or false")
+        if self.lrs is not None and (not isinstance(self.lrs, list) or not self.lrs
+                                     or not all(is_num(x) and x > 0 for x in self.lrs)):
+            raise bad(f"'lrs' must be a list of positive numbers, got {self.lrs!r}")
+        for name in ("epochs_lr_search", "epochs_cv", "measure_steps"):
+            value = getattr(self, name)
+            if value is not None and not (is_int(value) and value >= 1):
+                raise bad(f"'{name}' must be an integer >= 1, got {value!r}")
+        if not (is_int(self.retries) and self.retries >= 0):
+            raise bad(f"'retries' must be an integer >= 0, got {self.retries!r}")
+        if not isinstance(self.overrides, dict) or not all(isinstance(k, str) for k in self.overrides):
+            raise bad("'overrides' must be an object of training settings")
+        options = self.model_options
+        if not isinstance(options, dict) or not all(isinstance(v, dict) for v in options.values()):
+            raise bad("'model_options' must map architecture names to objects")
+        check_names(list(self.model_options), "architecture name", source)
+        if not isinstance(self.jobs, dict) or not all(isinstance(r, dict) for r in self.jobs.values()):
+            raise bad("'jobs' must map task keys to records")
+        for key, rec in self.jobs.items():
+            job_id = rec.get("job_id")
+            if job_id is not None and not (isinstance(job_id, str) and JOB_ID.fullmatch(job_id)):
+                raise bad(f"job id {job_id!r} of {key!r} is not a job id")
+        o = self.slurm
+        for name in ("partition", "account", "qos"):
+            value = getattr(o, name)
+            if value is not None:  # a partition list is comma-separated: each part is a name
+                if not isinstance(value, str):
+                    raise bad(f"slurm {name} must be a string, got {value!r}")
+                check_names(value.split(","), f"SLURM {name}", source)
+        for name, low in (("gpus_per_job", 0), ("cpus_per_job", 1), ("time_min", 1), ("array_parallelism", 1)):
+            value = getattr(o, name)
+            if not (is_int(value) and value >= low):
+                raise bad(f"slurm {name} must be an integer >= {low}, got {value!r}")
+        if o.mem_gb is not None and not (is_num(o.mem_gb) and o.mem_gb > 0):
+            raise bad(f"slurm mem_gb must be a positive number, got {o.mem_gb!r}")
+        return self
 
 
 def study_path(results_root: str | Path | None = None) -> Path:
@@ -96,7 +196,10 @@ def load_study(results_root: str | Path | None = None) -> Study:
     path = study_path(results_root)
     if not path.is_file():
         raise MedplanError("no study yet: start one with medplan_benchmark -d DATASET... -a ARCH...", path)
-    return Study.from_json(read_json(path), path)
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise MedplanError("not a study file (not a JSON object)", path)
+    return Study.from_json(data, path)
 
 
 def save_study(study: Study, results_root: str | Path | None = None) -> Path:
@@ -173,21 +276,127 @@ def _lr_search_summary(study: Study, dataset: str, arch: str) -> dict | None:
     return data
 
 
-def completed_folds(study: Study) -> list[str]:
+# ----------------------------------------------------------------------------- stale folds
+#: plan keys that say when and by what a plan was written, not what it decides
+_PLAN_VOLATILE = ("created", "medplan_version", "reasons", "raw_dir")
+_plan_cache: dict[str, tuple[tuple, str, dict]] = {}
+
+
+def plan_hash(plan: dict) -> str:
+    """A hash of a plan's decisions (canonical JSON without :data:`_PLAN_VOLATILE` keys)."""
+    content = {k: v for k, v in plan.items() if k not in _PLAN_VOLATILE}
+    text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _current_plan(dataset: str) -> tuple[str, dict]:
+    """(hash, plan) of the dataset's plans.json, re-read only when the file changed."""
+    from medplan.paths import preprocessed_dir
+    from medplan.pipeline import load_plan
+
+    path = preprocessed_dir(dataset) / "plans.json"
+    st_ = path.stat()
+    stamp = (st_.st_mtime_ns, st_.st_size)
+    cached = _plan_cache.get(str(path))
+    if cached is None or cached[0] != stamp:
+        plan = load_plan(dataset)
+        cached = (stamp, plan_hash(json.loads(json.dumps(plan, default=str))), plan)
+        _plan_cache[str(path)] = cached
+    return cached[1], cached[2]
+
+
+def expected_run(study: Study, dataset: str, arch: str) -> dict[str, Any] | None:
+    """What a fold of this study would record in config.json now (plan hash, lr, epochs,
+    batch_size, model_options); None while the LR search that picks the LR has not finished."""
+    from medplan.trainers import default_model_options, resolve_lr
+
+    digest, plan = _current_plan(dataset)
+    if study.lr_search:
+        search = _lr_search_summary(study, dataset, arch)
+        if search is None or search.get("best_lr") is None:
+            return None
+        lr = float(search["best_lr"])
+    else:
+        lr = resolve_lr(dataset, arch, plan, None)[0]  # what medplan_train picks without --lr
+    batch = study.overrides.get("batch_size") or plan["batch_size"]
+    options = default_model_options(arch, study.model_options.get(arch))
+    return {"plan": digest, "lr": lr, "epochs": int(study.epochs_cv or plan["epochs"]["cv"]),
+            "batch_size": int(batch), "model_options": json.loads(json.dumps(options, default=str))}
+
+
+def _shown(value: Any) -> str:
+    return format(value, "g") if isinstance(value, float) else json.dumps(value, sort_keys=True, default=str)
+
+
+def stale_reasons(study: Study, task: Task) -> list[str] | None:
+    """Why a fold's recorded run differs from what the study runs now: ``[]`` when it matches,
+    ``None`` when there is nothing to compare yet (no run recorded, or the LR search that
+    picks the LR has not finished)."""
     from medplan.paths import results_dir
 
-    return [t.key for t in tasks(study) if t.kind == "fold"
-            and fold_complete(results_dir(t.dataset, t.arch, t.fold))]
+    fold_dir = results_dir(task.dataset, task.arch, task.fold)
+    config_path = fold_dir / "config.json"
+    if not config_path.is_file():
+        if fold_complete(fold_dir):
+            return ["no config.json records how it was trained"]
+        return None
+    expected = expected_run(study, task.dataset, task.arch)
+    if expected is None:
+        return None
+    try:
+        config = read_json(config_path)
+    except MedplanError:
+        return ["config.json is unreadable"]
+    if not isinstance(config, dict):
+        return ["config.json is not an object"]
+    why = []
+    recorded_plan = config.get("plan")
+    if not isinstance(recorded_plan, dict) or plan_hash(recorded_plan) != expected["plan"]:
+        why.append("another plan (plans.json changed since)")
+    lr = config.get("lr")
+    if not isinstance(lr, (int, float)) or not math.isclose(float(lr), expected["lr"], rel_tol=1e-9):
+        why.append(f"lr {_shown(lr)} (study: {_shown(expected['lr'])})")
+    for key in ("epochs", "batch_size"):
+        if config.get(key) != expected[key]:
+            why.append(f"{key} {_shown(config.get(key))} (study: {_shown(expected[key])})")
+    recorded = config.get("model_options")
+    if json.loads(json.dumps(recorded, default=str)) != expected["model_options"]:
+        why.append(f"model options {_shown(recorded)} (study: {_shown(expected['model_options'])})")
+    return why
+
+
+def stale_folds(study: Study) -> dict[str, list[str]]:
+    """Fold key -> what differs, for every fold that can be judged now and is stale."""
+    out = {}
+    for t in tasks(study):
+        if t.kind == "fold":
+            why = stale_reasons(study, t)
+            if why:
+                out[t.key] = why
+    return out
+
+
+def stale_advice(stale: dict[str, list[str]]) -> str:
+    first, why = next(iter(stale.items()))
+    more = f" and {len(stale) - 1} more" if len(stale) > 1 else ""
+    return (f"{len(stale)} fold(s) were trained with other settings than this study's ({first}: {'; '.join(why)}"
+            f"{more}); rerun with --rerun-stale to retrain them (their results are replaced), or move them "
+            "away; medplan_benchmark --status lists them")
+
+
+def completed_folds(study: Study) -> list[str]:
+    return [t.key for t in tasks(study) if t.kind == "fold" and is_done(study, t)]
 
 
 def is_done(study: Study, task: Task) -> bool:
-    """Done = its results are on disk (never what a job said about itself)."""
+    """Done = its results are on disk (never what a job said about itself) and, for a fold,
+    recorded with the settings the study runs now (not stale)."""
     from medplan.paths import results_dir, results_root
 
     if task.kind == "lr_search":
         return _lr_search_summary(study, task.dataset, task.arch) is not None
     if task.kind == "fold":
-        return fold_complete(results_dir(task.dataset, task.arch, task.fold))
+        return fold_complete(results_dir(task.dataset, task.arch, task.fold)) and stale_reasons(study, task) == []
     state = results_root() / REPORT_STATE
     if not state.is_file():
         return False
@@ -222,6 +431,11 @@ def run_task(study_json: dict, task: Task, env: dict[str, str] | None = None) ->
             if search is None:
                 raise MedplanError(f"{task.key}: the LR search of {task.dataset}/{task.arch} has not finished")
             overrides["lr"] = float(search["best_lr"])
+        why = stale_reasons(study, task)
+        if why:
+            if not study.rerun_stale:
+                raise MedplanError(stale_advice({task.key: why}))
+            overrides["force"] = True  # retrain: the trainer replaces the stale run (never a running one)
         train(task.dataset, task.arch, task.fold, continue_training=True, overrides=overrides,
               model_options=study.model_options.get(task.arch))
     else:
@@ -240,9 +454,74 @@ except ImportError:  # pragma: no cover - submitit is a dependency
     _Checkpointable = object  # type: ignore[misc,assignment]
 
 
+def one_line(text: object, limit: int = 300) -> str:
+    """``text`` as one printable line of at most ``limit`` characters."""
+    lines = [ln.strip() for ln in str(text).splitlines() if ln.strip()]
+    line = _CONTROL.sub(" ", lines[0] if lines else "")
+    return line if len(line) <= limit else line[:limit - 3] + "..."
+
+
+def outcome_path(folder: str | Path, job_id: object) -> Path | None:
+    """``FOLDER/outcomes/JOB_ID.json``, or None for anything that is not a job id."""
+    if not isinstance(job_id, str) or not JOB_ID.fullmatch(job_id):
+        return None
+    return Path(folder) / OUTCOMES_DIR / f"{job_id}.json"
+
+
+def read_outcome(folder: str | Path, job_id: object) -> dict[str, str] | None:
+    """A job's outcome as its task runner wrote it (JSON, checked): status and one-line error."""
+    path = outcome_path(folder, job_id)
+    if path is None or not path.is_file():
+        return None
+    try:
+        data = read_json(path)
+    except MedplanError:
+        return None
+    if not isinstance(data, dict) or data.get("status") not in ("running", "done", "error", "interrupted"):
+        return None
+    return {"status": data["status"], "error": one_line(data.get("error") or "")}
+
+
 class TaskRunner(_Checkpointable):  # type: ignore[misc]
+    """What a submitit job runs: the task, with its outcome written as JSON beside the jobs'
+    logs (``outcomes/JOB_ID.json``) so the driver never needs submitit's result pickle."""
+
+    def __init__(self, jobs_folder: str | Path | None = None):
+        self.jobs_folder = None if jobs_folder is None else str(jobs_folder)
+
+    def _write(self, task: Task, status: str, started: str, error: str | None = None) -> None:
+        if self.jobs_folder is None:
+            return
+        try:
+            import submitit
+
+            job_id = submitit.JobEnvironment().job_id
+        except Exception:  # noqa: BLE001 - not inside a submitit job
+            return
+        path = outcome_path(self.jobs_folder, job_id)
+        if path is None:
+            return
+        record = {"format": "medplan-job-outcome-1", "task": task.key, "job_id": job_id, "status": status,
+                  "error": error, "started": started, "ended": None if status == "running" else _now(),
+                  "host": os.uname().nodename, "pid": os.getpid()}
+        try:
+            atomic_write_json(path, record)
+        except OSError:  # the outcome is a courtesy: the results on disk are the truth
+            pass
+
     def __call__(self, study_json: dict, task: Task, env: dict[str, str]) -> str:
-        return run_task(study_json, task, env)
+        started = _now()
+        self._write(task, "running", started)
+        try:
+            key = run_task(study_json, task, env)
+        except Exception as exc:
+            self._write(task, "error", started, one_line(f"{type(exc).__name__}: {exc}"))
+            raise
+        except BaseException as exc:  # timeout/pre-emption signals, Ctrl-C: submitit requeues or stops
+            self._write(task, "interrupted", started, one_line(f"{type(exc).__name__}: {exc}"))
+            raise
+        self._write(task, "done", started)
+        return key
 
 
 # ----------------------------------------------------------------------------- report
@@ -350,23 +629,7 @@ class Backend:
         return None
 
     def error(self, job_id: str) -> str | None:
-        """Last line of the job's traceback when it failed inside Python."""
-        import pickle
-
-        path = self._result_pickle(job_id)
-        if path is None or not path.is_file():
-            return None
-        try:
-            with open(path, "rb") as f:
-                status, payload = pickle.load(f)
-        except Exception:  # noqa: BLE001 - a torn pickle is no error message
-            return None
-        if status == "error":
-            lines = [ln for ln in str(payload).strip().splitlines() if ln.strip()]
-            return lines[-1] if lines else "failed"
-        return None
-
-    def _result_pickle(self, job_id: str) -> Path | None:
+        """The one-line error a job recorded when it failed inside Python (None otherwise)."""
         return None
 
 
@@ -377,11 +640,24 @@ class _SubmititBackend(Backend):
     def _job(self, job_id: str):
         raise NotImplementedError
 
+    def runner(self) -> TaskRunner:
+        return TaskRunner(self.folder)
+
     def log_path(self, job_id: str) -> str | None:
+        if not JOB_ID.fullmatch(str(job_id)):
+            return None
         return str(self._job(job_id).paths.stderr)
 
-    def _result_pickle(self, job_id: str) -> Path | None:
-        return self._job(job_id).paths.result_pickle
+    def error(self, job_id: str) -> str | None:
+        """From ``outcomes/JOB_ID.json`` (JSON the job wrote); nothing is unpickled here."""
+        outcome = read_outcome(self.folder, job_id)
+        if outcome is None:
+            return None
+        if outcome["status"] in ("error", "interrupted"):
+            return outcome["error"] or outcome["status"]
+        if outcome["status"] == "running":
+            return "the job ended while its task was running (killed, out of memory or out of time?)"
+        return None
 
 
 class SlurmBackend(_SubmititBackend):
@@ -393,11 +669,20 @@ class SlurmBackend(_SubmititBackend):
     def __init__(self, folder: Path, options: SlurmOptions):
         super().__init__(folder)
         self.options = options
-        if shutil.which("sbatch") is None or shutil.which("squeue") is None:
-            raise MedplanError("SLURM is unreachable: sbatch/squeue not found on PATH")
-        out = subprocess.run(["squeue", "-h", "-o", "%i", "-u", _user()], capture_output=True, text=True, timeout=60)
+        missing = [c for c in ("sbatch", "squeue", "srun") if shutil.which(c) is None]
+        if missing:
+            raise MedplanError(f"SLURM is unreachable: {'/'.join(missing)} not found on PATH (submitit's batch "
+                               "scripts need sbatch and squeue here and start each job with srun)")
+        if _CONTROL.search(str(folder)):
+            raise MedplanError("the results folder's path holds a control character; it would reach the "
+                               "SLURM batch script", repr(str(folder)))
+        try:
+            out = subprocess.run(["squeue", "-h", "-o", "%i", "-u", _user()], capture_output=True, text=True,
+                                 timeout=60)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise MedplanError(f"SLURM is unreachable: squeue failed: {one_line(exc)}") from None
         if out.returncode != 0:
-            raise MedplanError(f"SLURM is unreachable: squeue failed: {(out.stderr or out.stdout).strip().splitlines()[-1:]}")
+            raise MedplanError(f"SLURM is unreachable: squeue failed: {one_line((out.stderr or out.stdout)[-2000:])}")
 
     def _job(self, job_id: str):
         import submitit
@@ -409,6 +694,7 @@ class SlurmBackend(_SubmititBackend):
 
         ex = submitit.SlurmExecutor(folder=self.folder, max_num_timeout=3)
         o = self.options
+        check_name(name, "SLURM job name")  # built from checked names: no line can leave the #SBATCH line
         params: dict[str, Any] = {"job_name": name, "cpus_per_task": o.cpus_per_job, "time": o.time_min,
                                   "array_parallelism": o.array_parallelism, "ntasks_per_node": 1, "nodes": 1}
         if o.partition:
@@ -427,6 +713,9 @@ class SlurmBackend(_SubmititBackend):
             extra["qos"] = o.qos
         if extra:
             params["additional_parameters"] = extra
+        for key, value in [*params.items(), *extra.items()]:  # the last guard before the script is written
+            if _CONTROL.search(str(value)):
+                raise MedplanError(f"SLURM option {key} holds a control character: {str(value)!r}")
         ex.update_parameters(**params)
         return ex
 
@@ -438,36 +727,54 @@ class SlurmBackend(_SubmititBackend):
                                tuple(after.get(t.key, []))), []).append(t)
         ids: dict[str, str] = {}
         data, env = study.to_json(), _job_env()
-        runner = TaskRunner()
+        runner = self.runner()
         for (kind, deps), group in groups.items():
             deps = [ids.get(d, d) for d in deps]
-            name = "medplan_" + kind.replace(":", "_").replace("/", "_")
-            ex = self._executor(name, deps)
+            first = group[0]  # the name holds only checked names: dataset, architecture, a fixed word
+            name = "medplan_" + (f"fold_{check_name(first.dataset, 'dataset name')}_"
+                                 f"{check_name(first.arch, 'architecture name')}"
+                                 if first.kind == "fold" else first.kind)
             try:
+                ex = self._executor(name, deps)
                 jobs = ex.map_array(runner, [data] * len(group), group, [env] * len(group))
-            except Exception as exc:  # noqa: BLE001 - sbatch's message, one line
-                self.cancel(ids.values())
-                msg = str(exc).strip().splitlines()
-                raise MedplanError(f"sbatch failed: {msg[-1] if msg else type(exc).__name__}; "
-                                   "nothing of this round was left queued") from None
-            ids.update({t.key: j.job_id for t, j in zip(group, jobs)})
+                new = {t.key: j.job_id for t, j in zip(group, jobs)}
+                for job_id in new.values():
+                    if not JOB_ID.fullmatch(str(job_id)):
+                        raise MedplanError(f"sbatch gave an unexpected job id {str(job_id)!r}")
+            except Exception as exc:  # noqa: BLE001 - submitit's or sbatch's message, one line
+                left = self.cancel(ids.values())
+                msg = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+                what = "sbatch failed" if not isinstance(exc, MedplanError) else "refused"
+                raise MedplanError(f"{what}: {one_line(msg[-1]) if msg else type(exc).__name__}; " + (
+                    "nothing of this round was left queued" if not left else
+                    f"could not cancel job(s) {', '.join(left)} of this round: cancel them with scancel")) from None
+            ids.update(new)
         return ids
 
     def alive(self, job_ids: Iterable[str]) -> set[str]:
         wanted = set(job_ids)
         if not wanted:
             return set()
-        out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-u", _user()], capture_output=True, text=True,
-                             timeout=60)
+        try:
+            out = subprocess.run(["squeue", "-h", "-r", "-o", "%i %T", "-u", _user()], capture_output=True,
+                                 text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return wanted  # cannot tell: assume they still live rather than submit twice
         if out.returncode != 0:
             return wanted  # cannot tell: assume they still live rather than submit twice
         live = {line.split()[0] for line in out.stdout.splitlines() if line.strip()}
         return wanted & live
 
-    def cancel(self, job_ids: Iterable[str]) -> None:
-        ids = list(job_ids)
-        if ids:
-            subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+    def cancel(self, job_ids: Iterable[str]) -> list[str]:
+        """scancel the jobs; returns those it could not cancel."""
+        ids = [j for j in job_ids if JOB_ID.fullmatch(str(j)) and str(j)[0].isdigit()]  # never an option
+        if not ids:
+            return []
+        try:
+            out = subprocess.run(["scancel", *ids], capture_output=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return ids
+        return [] if out.returncode == 0 else ids
 
 
 def _user() -> str:
@@ -534,7 +841,7 @@ class LocalBackend(_SubmititBackend):
             else:
                 gpu = None
             ex.update_parameters(**params)
-            job = ex.submit(TaskRunner(), self.study.to_json(), task, _job_env())
+            job = ex.submit(self.runner(), self.study.to_json(), task, _job_env())
             job._cancel_at_deletion = False
             self.pending.remove(item)
             blocked.discard(task.key)
@@ -627,6 +934,7 @@ class Driver:
         self.log = log or (lambda msg: print(msg, file=sys.stderr))
         self.folder = self.root / JOBS_DIR / study.executor
         self.backend = backend or make_backend(study, self.folder)
+        self.stale: dict[str, list[str]] = {}
 
     def save(self) -> None:
         save_study(self.study, self.root)
@@ -700,6 +1008,11 @@ class Driver:
         out = []
         for t in todo:  # dependency order
             if self.exhausted(t) or any(d.key in blocked for d in dependencies(self.study, t, all_tasks)):
+                blocked.add(t.key)
+                continue
+            why = stale_reasons(self.study, t) if t.kind == "fold" and not self.study.rerun_stale else None
+            if why:  # judged only now (after its LR search): never retrained without --rerun-stale
+                self.stale[t.key] = why
                 blocked.add(t.key)
                 continue
             if t.kind == "report" and blocked:
@@ -800,13 +1113,21 @@ class Driver:
             rec = self.study.jobs.get(t.key, {})
             if t.key not in done and rec.get("state") == "failed":
                 failed[t.key] = f"{rec.get('error', 'failed')} (log: {rec.get('log') or '-'})"
+            elif t.key not in done and t.key in self.stale:
+                failed[t.key] = stale_advice({t.key: self.stale[t.key]})
         return RunResult(done=done, failed=failed, submitted=submitted)
 
 
 def run_study(study: Study, *, wait: bool = True, poll_s: float = 5.0, results_root: Path | None = None,
               log: Callable[[str], None] | None = None) -> RunResult:
-    """Check the study, then run it to the end (or until only failures remain)."""
+    """Check the study, then run it to the end (or until only failures remain). Stale folds
+    (see the module docstring) are refused before anything is submitted unless
+    ``study.rerun_stale``."""
     check_study(study)
+    if not study.rerun_stale:
+        stale = stale_folds(study)
+        if stale:
+            raise MedplanError(stale_advice(stale))
     driver = Driver(study, results_root=results_root, poll_s=poll_s, log=log)
     return driver.run(wait=wait)
 
@@ -846,10 +1167,13 @@ def status_rows(study: Study, backend: Backend | None = None) -> list[dict[str, 
                 b, s = _metrics_of(run)
                 seconds += s
                 best = b if best is None or (b is not None and b > best) else best
+        stale = stale_reasons(study, t) if t.kind == "fold" else None
         if is_done(study, t):
             state = "done"
         elif rec.get("state") == "submitted" and rec.get("job_id") in live:
             state = "running" if seconds else "queued"
+        elif stale:
+            state = "stale"
         elif rec.get("state") == "failed":
             state = f"failed x{rec.get('failures', 1)}"
         elif seconds:
@@ -858,7 +1182,8 @@ def status_rows(study: Study, backend: Backend | None = None) -> list[dict[str, 
             state = "todo"
         rows.append({"dataset": t.dataset or "-", "arch": t.arch or "-", "stage": t.stage, "state": state,
                      "job": rec.get("job_id") or "-", "time_s": seconds, "best_val_mIoU": best,
-                     "log": rec.get("log") if state.startswith("failed") else None})
+                     "log": rec.get("log") if state.startswith("failed") else None,
+                     "stale": stale if state == "stale" else None})
     if (results_root() / REPORT_FILE).is_file() and rows[-1]["state"] == "todo":
         rows[-1]["state"] = "outdated"
     return rows
@@ -883,6 +1208,12 @@ def format_status(rows: list[dict[str, Any]]) -> str:
     for r in rows:
         if r["log"]:
             lines.append(f"{r['dataset']}/{r['arch']}/{r['stage']}: log {r['log']}")
+    stale = [r for r in rows if r.get("stale")]
+    for r in stale:
+        lines.append(f"{r['dataset']}/{r['arch']}/{r['stage']}: stale: {'; '.join(r['stale'])}")
+    if stale:
+        lines.append("stale folds do not count as complete; medplan_benchmark --rerun-stale retrains them "
+                     "(replacing their results)")
     return "\n".join(lines)
 
 
@@ -898,7 +1229,8 @@ def dry_run(study: Study) -> tuple[list[dict[str, Any]], float | None]:
     for t in plan_jobs(study):
         row: dict[str, Any] = {"job": t.key, "after": [d.key for d in dependencies(study, t, all_tasks)
                                                        if not is_done(study, d)],
-                               "epochs": None, "runs": 1, "gpu_hours": None}
+                               "epochs": None, "runs": 1, "gpu_hours": None,
+                               "stale": stale_reasons(study, t) if t.kind == "fold" else None}
         if t.kind != "report":
             plan = load_plan(t.dataset)
             split = load_splits(t.dataset)[0 if t.kind == "lr_search" else t.fold]
@@ -925,7 +1257,13 @@ def format_dry_run(jobs: list[dict[str, Any]], total: float | None, study: Study
         cost = "" if j["epochs"] is None else f"  {j['runs']} x {j['epochs']} epochs"
         est = "" if j["gpu_hours"] is None else f"  ~{j['gpu_hours']:.2f} GPU-h"
         after = f"  after {', '.join(j['after'][:3])}{' ...' if len(j['after']) > 3 else ''}" if j["after"] else ""
-        lines.append(f"  {j['job']}{cost}{est}{after}")
+        stale = f"  STALE: {'; '.join(j['stale'])}" if j.get("stale") else ""
+        lines.append(f"  {j['job']}{cost}{est}{after}{stale}")
+    n_stale = sum(bool(j.get("stale")) for j in jobs)
+    if n_stale:
+        lines.append(f"{n_stale} stale fold(s): " + ("retrained (--rerun-stale), replacing their results"
+                                                     if study.rerun_stale else
+                                                     "a run refuses until you pass --rerun-stale or move them away"))
     if total is None:
         lines.append("GPU-hours: unknown for architectures without a measurement (run medplan_models --measure)")
     else:

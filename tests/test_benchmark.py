@@ -146,6 +146,7 @@ def test_failing_sbatch_leaves_nothing_queued(toy, capsys, monkeypatch):
     (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
     (bin_dir / "sbatch").write_text("#!/bin/sh\necho 'sbatch: error: invalid partition specified: nope' >&2\nexit 1\n")
     (bin_dir / "scancel").write_text(f"#!/bin/sh\necho \"$@\" >> {toy / 'scancelled'}\n")
+    (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")  # a login node with SLURM's client tools
     for f in bin_dir.iterdir():
         f.chmod(0o755)
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
@@ -155,3 +156,117 @@ def test_failing_sbatch_leaves_nothing_queued(toy, capsys, monkeypatch):
     assert last.startswith("medplan_benchmark: error: sbatch failed") and "invalid partition" in last
     jobs = json.loads(_study_file(toy).read_text())["jobs"] if _study_file(toy).exists() else {}
     assert not any(j.get("state") == "submitted" for j in jobs.values())
+
+
+# ----------------------------------------------------------------------------- fake SLURM client tools
+def _fake_slurm(toy, *, srun=True, sbatch_ok=1_000_000):
+    """sbatch/squeue/scancel (and srun) as shell scripts on a PATH of their own: sbatch keeps a
+    copy of every batch script and accepts the first ``sbatch_ok`` submissions, then refuses
+    the partition like a real sbatch."""
+    bin_dir = toy / "fake_slurm"
+    bin_dir.mkdir()
+    scripts = toy / "sbatch_scripts"
+    scripts.mkdir()
+    (bin_dir / "sbatch").write_text(f"""#!/bin/sh
+n=$(ls {scripts} | wc -l)
+cp "$1" {scripts}/script_$n.sh
+if [ "$n" -ge {sbatch_ok} ]; then
+  echo 'sbatch: error: Batch job submission failed: Invalid partition name specified' >&2
+  exit 1
+fi
+echo "Submitted batch job $((101 + n))"
+""")
+    (bin_dir / "squeue").write_text("#!/bin/sh\nexit 0\n")
+    (bin_dir / "scancel").write_text(f"#!/bin/sh\necho \"$@\" >> {toy / 'scancelled'}\n")
+    if srun:
+        (bin_dir / "srun").write_text("#!/bin/sh\nexit 0\n")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    return bin_dir, scripts
+
+
+def _queued(toy):
+    jobs = json.loads(_study_file(toy).read_text())["jobs"] if _study_file(toy).exists() else {}
+    return [k for k, j in jobs.items() if j.get("state") == "submitted"]
+
+
+def test_sbatch_present_srun_absent_is_one_line(toy, capsys, monkeypatch):
+    """A login node (or a test machine) with sbatch but no srun: one line, nothing submitted."""
+    bin_dir, scripts = _fake_slurm(toy, srun=False)
+    monkeypatch.setenv("PATH", str(bin_dir))  # nothing else: no real srun either
+    assert main(["-d", "TOY", "-a", "unet", "--executor", "slurm"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("medplan_benchmark: error: SLURM is unreachable: srun not found")
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not list(scripts.iterdir()) and not _queued(toy)
+
+
+def test_sbatch_refusing_the_partition_in_a_later_round_cancels_the_earlier_arrays(toy, capsys, monkeypatch):
+    """The LR-search array is accepted, the folds' array refused: one line, the accepted
+    array cancelled, no job recorded as queued."""
+    bin_dir, scripts = _fake_slurm(toy, sbatch_ok=1)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert main(["-d", "TOY", "-a", "unet", "--executor", "slurm", "--partition", "gpu", "--poll", "0.1"]) == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("medplan_benchmark: error: sbatch failed") and "Invalid partition" in last
+    assert "nothing of this round was left queued" in last
+    assert len(list(scripts.iterdir())) == 2
+    assert (toy / "scancelled").read_text().split()[0] in ("101", "101_0")  # the LR search (a one-job array)
+    assert not _queued(toy)
+
+
+def test_batch_script_holds_only_checked_names(toy, capsys, monkeypatch):
+    """The generated sbatch script: job names made of checked names, every #SBATCH value on its line."""
+    bin_dir, scripts = _fake_slurm(toy)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert main(["-d", "TOY", "-a", "unet", "--executor", "slurm", "--partition", "gpu", "--no-wait",
+                 *TINY]) == 0
+    texts = [p.read_text() for p in sorted(scripts.iterdir())]
+    assert len(texts) == 3  # the LR search, the folds' array after it, the report after the folds
+    assert "#SBATCH --job-name=medplan_lr_search" in texts[0]
+    assert "#SBATCH --job-name=medplan_fold_TOY_unet" in texts[1] and "afterok:101" in texts[1]
+    assert "#SBATCH --job-name=medplan_report" in texts[2]
+    for text in texts:
+        body = [ln for ln in text.splitlines() if ln and not ln.startswith("#")]
+        assert body[0] == "export SUBMITIT_EXECUTOR=slurm" and len(body) == 2 and body[1].startswith("srun ")
+    assert sorted(_queued(toy)) == ["TOY/unet/fold_0", "TOY/unet/fold_1", "TOY/unet/lr_search", "report"]
+
+
+@pytest.mark.parametrize("argv", [
+    ["-d", "TOY\necho pwned > /tmp/x", "-a", "unet"],
+    ["-d", "TOY", "-a", "unet\nid"],
+    ["-d", "TOY", "-a", "unet", "--partition", "gpu\necho pwned"],
+    ["-d", "TOY", "-a", "unet", "--account", "lab\rid"],
+])
+def test_a_newline_never_reaches_a_batch_script(toy, capsys, monkeypatch, argv):
+    """Names and options holding a line break are refused before anything is submitted, even
+    when a dataset folder of that very name exists."""
+    from trainer_fixtures import make_dataset as make
+
+    make(toy, "TOY\necho pwned > /tmp/x", n_cases=6, n_folds=2, epochs={"lr_search": 1, "cv": 1})
+    bin_dir, scripts = _fake_slurm(toy)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert main([*argv, "--executor", "slurm"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "invalid" in err
+    assert not list(scripts.iterdir()) and not _queued(toy)
+
+
+def test_a_study_file_with_a_newline_in_a_name_is_refused(toy, capsys, monkeypatch):
+    bin_dir, scripts = _fake_slurm(toy)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    assert main(["-d", "TOY", "-a", "unet", "--dry-run"]) == 0
+    study = st.Study(datasets=["TOY"], archs=["unet"], executor="slurm").to_json()
+    study["datasets"] = ["TOY\necho pwned"]
+    _study_file(toy).parent.mkdir(parents=True, exist_ok=True)
+    _study_file(toy).write_text(json.dumps(study))
+    capsys.readouterr()
+    for argv in ([], ["--status"], ["--dry-run"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "invalid dataset name" in err and "study.json" in err and len(err.strip().splitlines()) == 1
+    study["datasets"], study["slurm"]["partition"] = ["TOY"], "gpu\nid"
+    _study_file(toy).write_text(json.dumps(study))
+    assert main([]) == 2 and "invalid SLURM partition" in capsys.readouterr().err
+    assert not list(scripts.iterdir())

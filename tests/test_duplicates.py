@@ -110,7 +110,7 @@ def test_no_duplicates_gives_header_only_csv_and_bad_options_fail(tmp_path):
     fp = fingerprint_dataset(raw, tmp_path / "pre", hash_name="dhash", input_size=None, num_workers=0,
                              progress=False)
     assert fp["duplicates"]["n_dropped"] == 0 and fp["duplicates"]["hash"] == "dhash"
-    assert (tmp_path / "pre" / "duplicates.csv").read_text() == "case_id,kept_case_id,reason,distance\n"
+    assert (tmp_path / "pre" / "duplicates.csv").read_text() == "case_id,kept_case_id,reason,distance,decision\n"
     with pytest.raises(MedplanError, match="unknown perceptual hash 'md5'"):
         fingerprint_dataset(raw, tmp_path / "pre", hash_name="md5", input_size=None, progress=False)
     with pytest.raises(MedplanError, match="threshold must be in 0..64"):

@@ -16,6 +16,7 @@ encoder) is an error unless ``allow_partial=True`` (``--allow-partial``).
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,8 +63,13 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
             from safetensors.torch import load_file
 
             state = load_file(str(path))
-        else:
+        else:  # data only: a pickle that names any callable is refused before it runs
             state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        from medplan.trainers.checkpoint import unsafe_reason
+
+        raise MedplanError(f"not a weights file or not safe to load ({unsafe_reason(path, exc)}); "
+                           "medplan runs no code from weights files", path) from None
     except Exception as exc:  # corrupt or foreign files raise many types
         raise MedplanError(f"cannot read weights ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
                            path) from None

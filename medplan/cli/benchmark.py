@@ -7,6 +7,10 @@
 
 The first call writes ``$MEDPLAN_RESULTS/study.json``; later calls need no arguments and
 rerunning finishes the study without redoing finished work.
+
+A fold trained with other settings than the study's (plan, LR, epochs, batch size or model
+options in its config.json) is stale: --status and --dry-run list it, it never counts as
+complete, and a run refuses until --rerun-stale (retrain it, replacing its results) is given.
 """
 from __future__ import annotations
 
@@ -42,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--status", action="store_true", help="print the state of every job and exit")
     p.add_argument("--dry-run", action="store_true", help="list the jobs and a GPU-hour estimate; submit nothing")
     p.add_argument("--no-wait", action="store_true", help="slurm: submit and return (rerun or --status later)")
+    p.add_argument("--rerun-stale", action="store_true",
+                   help="retrain folds trained with other settings than the study's (replaces their results)")
     g = p.add_argument_group("protocol (default: the plan's)")
     g.add_argument("--lrs", nargs="+", type=float, help="LR grid of the search")
     g.add_argument("--no-lr-search", action="store_true", help="train the folds at the plan's LR")
@@ -72,9 +78,13 @@ def make_study(args: argparse.Namespace) -> Any:
     """A new study from -d/-a (keeping the job records of an existing one), or the saved one."""
     from medplan.study import SlurmOptions, Study, load_study, study_path
 
+    from medplan.names import check_names
+
     if bool(args.datasets) != bool(args.archs):
         raise MedplanError("give both --datasets and --archs for a new study, or neither to use the saved one")
     if args.datasets:
+        check_names(args.datasets, "dataset name")
+        check_names(args.archs, "architecture name")
         old = load_study() if study_path().is_file() else None
         study = Study(datasets=list(dict.fromkeys(args.datasets)), archs=list(dict.fromkeys(args.archs)))
         if old is not None:
@@ -89,6 +99,7 @@ def make_study(args: argparse.Namespace) -> Any:
             setattr(study, k, v)
     if args.no_lr_search:
         study.lr_search = False
+    study.rerun_stale = bool(args.rerun_stale)  # a choice of this call, never inherited from the saved study
     overrides = {"batch_size": args.batch_size, "device": args.device, "num_workers": args.num_workers,
                  "amp": False if args.no_amp else None}
     study.overrides.update({k: v for k, v in overrides.items() if v is not None})
@@ -102,7 +113,7 @@ def make_study(args: argparse.Namespace) -> Any:
     for name in ("epochs_lr_search", "epochs_cv", "measure_steps"):
         if getattr(study, name) is not None and getattr(study, name) < 1:
             raise MedplanError(f"--{name.replace('_cv', '').replace('_', '-')} must be >= 1")
-    return study
+    return study.validate()
 
 
 @entry_point("medplan_benchmark")

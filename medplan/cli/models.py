@@ -8,6 +8,7 @@ from typing import Any
 from medplan.architectures import describe_models
 from medplan.cli import entry_point
 from medplan.errors import MedplanError
+from medplan.names import check_names
 
 
 def _fmt(value: Any, spec: str = "") -> str:
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=2, help="batch size for --measure (default 2)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), default="auto", help="device for --measure")
     args = parser.parse_args(argv)
+    check_names(args.names, "architecture name")
     if min(args.size) < 1:
         raise MedplanError(f"--size must be positive, got {args.size[0]} {args.size[1]}")
     if args.measure:

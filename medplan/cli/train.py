@@ -1,7 +1,9 @@
 """medplan_train DATASET ARCH FOLD: train one fold of one architecture (the paper's protocol).
 
 Command-line flags override the plan for this run only; the run's exact settings go to
-config.json in the fold folder.
+config.json in the fold folder. One process trains a fold at a time (``fold_K/.lock``, see
+medplan.locks): a second one is refused at once, ``--force`` included. An interrupted run is
+resumed with ``--continue`` or started over with ``--force``, never deleted otherwise.
 """
 from __future__ import annotations
 
@@ -41,7 +43,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint-every", type=int, help="write checkpoint_latest.pt every N epochs (default 1)")
     parser.add_argument("--model-opt", action="append", metavar="KEY=VALUE", help="option for the model builder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar, even on a terminal")
-    parser.add_argument("--force", action="store_true", help="train again over a finished run (deletes its results)")
+    parser.add_argument("--force", action="store_true",
+                        help="start over a finished or interrupted run (deletes its results; never a running one: "
+                             "the fold's lock refuses a second run)")
     weights = parser.add_mutually_exclusive_group()
     weights.add_argument("--pretrained", metavar="PATH",
                          help="ImageNet weights file for the encoder (default for models with pretrained weights: "
@@ -121,7 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("arch", help="architecture name (see medplan_models)")
     p.add_argument("fold", help="fold 0..n-1, or 'all' (train on every case, no validation)")
     p.add_argument("--continue", dest="continue_training", action="store_true",
-                   help="resume from checkpoint_latest.pt (a finished run is left as it is)")
+                   help="resume from checkpoint_latest.pt (a finished run is left as it is; a run killed before "
+                        "its first checkpoint restarts with the settings its config.json recorded)")
     p.add_argument("--lr", type=float, help="learning rate (default: lr_search.json, else the plan)")
     p.add_argument("--epochs", type=int, help="epoch budget (default: the plan's, per stage)")
     p.add_argument("--stage", choices=("cv", "lr_search"), default="cv",

@@ -9,6 +9,7 @@ import os
 import sys
 
 from medplan.cli import entry_point
+from medplan.names import check_name
 from medplan.cli.train import add_run_arguments, launch, parse_model_options, run_overrides, weight_options
 
 
@@ -27,6 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    check_name(args.dataset, "dataset name")
+    check_name(args.arch, "architecture name")
     overrides = {k: v for k, v in run_overrides(args).items() if k != "force"}
     model_options = weight_options(args, args.arch, parse_model_options(args.model_opt))
 

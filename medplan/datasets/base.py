@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
-from PIL import Image
 
 from medplan.errors import MedplanError
 from medplan.io import case_stem, is_image_file, read_image
+from medplan.io import read_label as io_read_label
 
 # Folders that never belong to a download: our own import target and temporary folders.
 SKIP_DIR_NAMES = {"medplan", "__MACOSX", "__pycache__"}
@@ -46,6 +46,8 @@ class Collected:
     source_format: str
     root: Path  # the folder source paths in cases.csv are relative to
     notes: list[str] = field(default_factory=list)
+    # mask files no image was paired with: listed in dataset.json and its notes, never dropped silently
+    orphan_masks: list[Path] = field(default_factory=list)
 
 
 # ----------------------------------------------------------------------------- label decoders
@@ -182,17 +184,16 @@ class ColourLabels(LabelDecoder):
 
 
 def read_label(path: Path, palette_indices: bool) -> np.ndarray:
-    """Decode a label file; a palette ("P") PNG gives its indices when those are the classes."""
-    if palette_indices and path.suffix.lower() == ".png" and path.is_file():
-        try:
-            with Image.open(path) as img:
-                if img.mode == "P":
-                    img.load()
-                    return np.asarray(img)
-        except (OSError, SyntaxError, ValueError):
-            pass  # read_image below names the file and the reason
-    return read_image(path)
+    """Decode a label file; a palette ("P") PNG gives its indices when those are the classes
+    (:func:`medplan.io.read_label`), else its colours (colour-coded or thresholded masks)."""
+    return io_read_label(path) if palette_indices else read_image(path)
 
+
+def unused(files: Iterable[Path], cases: Iterable[Case]) -> list[Path]:
+    """The label files of ``files`` that no case uses (orphan masks, or a second mask file
+    with the same stem as the one used)."""
+    used = {p for case in cases for p in case.labels}
+    return sorted(p for p in files if p not in used)
 
 
 # ----------------------------------------------------------------------------- folder helpers

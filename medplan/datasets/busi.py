@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from medplan.datasets.base import (Case, Collected, Importer, ThresholdLabels, find_child, image_files, no_options,
-                                   register, safe_case_id, walk_dirs)
+                                   register, safe_case_id, unused, walk_dirs)
 from medplan.errors import MedplanError
 from medplan.io import case_stem
 
@@ -44,6 +44,7 @@ class Busi(Importer):
         if root is None:
             raise MedplanError("no BUSI layout found (expected benign/, malignant/, normal/ with *_mask.png)", source)
         cases = []
+        all_masks: list[Path] = []
         for diagnosis in DIAGNOSES:
             folder = find_child(root, diagnosis)
             if folder is None:
@@ -54,6 +55,7 @@ class Busi(Importer):
                 m = _MASK.match(case_stem(p))
                 if m:
                     masks.setdefault(m.group("stem"), []).append(p)
+                    all_masks.append(p)
                 else:
                     images.append(p)
             for image in images:
@@ -66,4 +68,4 @@ class Busi(Importer):
         if not cases:
             raise MedplanError("no BUSI images found", root)
         return Collected(cases=cases, decoder=ThresholdLabels(128), labels=dict(LABELS), modality="ultrasound",
-                         source_format="busi", root=source)
+                         source_format="busi", root=source, orphan_masks=unused(all_masks, cases))

@@ -111,6 +111,7 @@ class Camus(Importer):
         layout = layouts.pop()
         cases: list[Case] = []
         notes: list[str] = []
+        orphans: list[Path] = []
         skipped = 0
         for split, folder, _ in roots:
             for patient in _patient_dirs(folder):
@@ -121,6 +122,9 @@ class Camus(Importer):
                         stem = f"{pid}_{view}_{instant}"
                         image = _image_file(patient, stem, layout)
                         if image is None:
+                            gt = _image_file(patient, f"{stem}_gt", layout)
+                            if gt is not None:
+                                orphans.append(gt)
                             continue
                         gt = _image_file(patient, f"{stem}_gt", layout)
                         if gt is None:
@@ -146,4 +150,4 @@ class Camus(Importer):
             raise MedplanError("no CAMUS ED/ES frames with ground truth found", source)
         return Collected(cases=cases, decoder=IndexLabels(len(LABELS)), labels=dict(LABELS),
                          modality="echocardiography", source_format=f"camus-{layout}",
-                         root=source, notes=notes)
+                         root=source, notes=notes, orphan_masks=orphans)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from medplan.datasets.base import (Case, Collected, IndexLabels, Importer, ValueMapLabels, find_child, image_files,
-                                   read_label, register, safe_case_id, stem_index, unnest, walk_dirs)
+                                   read_label, register, safe_case_id, stem_index, unnest, unused, walk_dirs)
 from medplan.errors import MedplanError
 from medplan.io import case_stem
 
@@ -80,7 +80,8 @@ class Folder(Importer):
             raise MedplanError(f"no images/ and masks/ folders found (looked for {'/'.join(IMAGE_DIRS[:2])} "
                                f"and {'/'.join(MASK_DIRS[:3])})", source)
         images_dir, masks_dir = folders
-        index = stem_index(image_files(masks_dir), strip_suffixes=MASK_SUFFIXES)
+        mask_files = image_files(masks_dir)
+        index = stem_index(mask_files, strip_suffixes=MASK_SUFFIXES)
         cases = []
         for image in image_files(images_dir):
             stem = case_stem(image)
@@ -121,7 +122,8 @@ class Folder(Importer):
         if modality is not None and modality not in MODALITIES:
             raise MedplanError(f"unknown modality {modality!r}; one of {', '.join(MODALITIES)}")
         return Collected(cases=cases, decoder=decoder, labels={n: i for i, n in enumerate(names)},
-                         modality=modality or "unknown", source_format="folder", root=source, notes=notes)
+                         modality=modality or "unknown", source_format="folder", root=source, notes=notes,
+                         orphan_masks=unused(mask_files, cases))
 
 
 def _label_names(label_names: list[str] | str | None, num_classes: int) -> list[str]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from medplan.datasets.base import (Case, Collected, Importer, ValueMapLabels, image_files, no_options, register,
-                                   stem_index, unnest, walk_dirs)
+                                   stem_index, unnest, unused, walk_dirs)
 from medplan.errors import MedplanError
 from medplan.io import case_stem
 
@@ -54,15 +54,18 @@ class Isic2018(Importer):
         cases: list[Case] = []
         notes: list[str] = []
         seen: dict[str, Path] = {}
+        mask_files: list[Path] = []
         for split in SPLITS:
             parts = folders.get(split, {})
+            if "gt" in parts:
+                mask_files += image_files(parts["gt"])
             if "input" not in parts:
                 continue
             images = [p for p in image_files(parts["input"]) if _CASE.match(case_stem(p))]
             if "gt" not in parts:
                 notes.append(f"skipped {len(images)} {split} image(s): no ISIC2018_Task1_{split}_GroundTruth folder")
                 continue
-            masks = stem_index(image_files(parts["gt"]), strip_suffixes=("_segmentation",))
+            masks = stem_index([p for p in mask_files if p.parent == parts["gt"]], strip_suffixes=("_segmentation",))
             for image in images:
                 case_id = case_stem(image)
                 mask = masks.get(case_id)
@@ -76,4 +79,5 @@ class Isic2018(Importer):
         if not cases:
             raise MedplanError("no ISIC 2018 images with ground truth found", source)
         return Collected(cases=cases, decoder=ValueMapLabels({0: 0, 255: 1}), labels=dict(LABELS),
-                         modality="dermoscopy", source_format="isic2018", root=source, notes=notes)
+                         modality="dermoscopy", source_format="isic2018", root=source, notes=notes,
+                         orphan_masks=unused(mask_files, cases))

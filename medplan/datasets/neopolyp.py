@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from medplan.datasets.base import (Case, Collected, ColourLabels, Importer, find_child, image_files, no_options,
-                                   register, safe_case_id, stem_index, unnest, walk_dirs)
+                                   register, safe_case_id, stem_index, unnest, unused, walk_dirs)
 from medplan.errors import MedplanError
 from medplan.io import case_stem
 
@@ -41,7 +41,8 @@ class NeoPolyp(Importer):
         if folders is None:
             raise MedplanError("no NeoPolyp layout found (expected train/ and train_gt/)", source)
         train, gt = folders
-        masks = stem_index(image_files(gt))
+        mask_files = image_files(gt)
+        masks = stem_index(mask_files)
         cases = []
         for image in image_files(train):
             stem = case_stem(image)
@@ -52,4 +53,5 @@ class NeoPolyp(Importer):
         if not cases:
             raise MedplanError("no images found in train/", train)
         return Collected(cases=cases, decoder=ColourLabels({"green": 1, "red": 2}), labels=dict(LABELS),
-                         modality="endoscopy", source_format="neopolyp", root=source)
+                         modality="endoscopy", source_format="neopolyp", root=source,
+                         orphan_masks=unused(mask_files, cases))

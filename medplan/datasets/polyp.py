@@ -11,15 +11,17 @@ from pathlib import Path
 from typing import Any
 
 from medplan.datasets.base import (Case, Collected, Importer, ThresholdLabels, find_child, image_files, no_options,
-                                   register, safe_case_id, stem_index, unnest, walk_dirs)
+                                   register, safe_case_id, stem_index, unnest, unused, walk_dirs)
 from medplan.errors import MedplanError
 from medplan.io import case_stem
 
 LABELS = {"background": 0, "polyp": 1}
 
 
-def _pair(images_dir: Path, masks_dir: Path, case_id) -> list[Case]:
-    masks = stem_index(image_files(masks_dir))
+def _pair(images_dir: Path, masks_dir: Path, case_id) -> tuple[list[Case], list[Path]]:
+    """Cases matched by stem, and the mask files no image was paired with."""
+    mask_files = image_files(masks_dir)
+    masks = stem_index(mask_files)
     cases = []
     for image in image_files(images_dir):
         stem = case_stem(image)
@@ -29,7 +31,7 @@ def _pair(images_dir: Path, masks_dir: Path, case_id) -> list[Case]:
         cases.append(Case(case_id=case_id(stem), image=image, labels=[mask]))
     if not cases:
         raise MedplanError("no images found", images_dir)
-    return cases
+    return cases, unused(mask_files, cases)
 
 
 def find_kvasir(source: Path, strict: bool) -> tuple[Path, Path] | None:
@@ -56,9 +58,9 @@ class Kvasir(Importer):
         folders = find_kvasir(source, strict=False)
         if folders is None:
             raise MedplanError("no Kvasir-SEG layout found (expected images/ and masks/)", source)
-        cases = _pair(*folders, case_id=safe_case_id)
+        cases, orphans = _pair(*folders, case_id=safe_case_id)
         return Collected(cases=cases, decoder=ThresholdLabels(128), labels=dict(LABELS), modality="endoscopy",
-                         source_format="kvasir", root=source)
+                         source_format="kvasir", root=source, orphan_masks=orphans)
 
 
 def find_cvc(source: Path) -> tuple[Path, Path] | None:
@@ -93,6 +95,6 @@ class Cvc(Importer):
         folders = find_cvc(source)
         if folders is None:
             raise MedplanError("no CVC-ClinicDB layout found (expected Original/ and 'Ground Truth/')", source)
-        cases = _pair(*folders, case_id=_cvc_id)
+        cases, orphans = _pair(*folders, case_id=_cvc_id)
         return Collected(cases=cases, decoder=ThresholdLabels(128), labels=dict(LABELS), modality="endoscopy",
-                         source_format="cvc", root=source)
+                         source_format="cvc", root=source, orphan_masks=orphans)

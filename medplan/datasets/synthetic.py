@@ -248,17 +248,23 @@ VIEWS = ("2CH", "4CH")
 INSTANTS = ("ED", "ES")
 
 
-def _camus_frame(seed: int, patient: int, view: int, instant: int, shape: tuple[int, int], attempt: int = 0
-                 ) -> tuple[np.ndarray, np.ndarray]:
-    """One ED or ES frame: (uint8 image, uint8 label map 0..3), both (H, W) with the probe on top."""
+def _camus_frame(seed: int, patient: int, view: int, instant: int, shape: tuple[int, int], attempt: int = 0,
+                 same_acquisition: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """One ED or ES frame: (uint8 image, uint8 label map 0..3), both (H, W) with the probe on top.
+
+    ``same_acquisition``: ED and ES of one view share the sector, probe position, gain and
+    tissue texture (as the two annotated frames of one real recording do); only the heart's
+    shape and the speckle differ, so the pair can be a perceptual near-duplicate.
+    """
     h, w = shape
     pr = _rng(seed, 1, patient)          # patient: sector
     vr = _rng(seed, 2, patient, view)    # view: heart geometry
     fr = _rng(seed, 3, patient, view, instant, attempt)  # frame: sector, echogenicity, speckle
+    ar = _rng(seed, 4, patient, view, attempt) if same_acquisition else fr  # acquisition (shared by ED/ES)
     # the sector varies per frame too (as if re-acquired): it dominates a perceptual hash
-    apex_y, apex_x = -fr.uniform(0, 0.12) * h, w / 2 + pr.uniform(-0.04, 0.04) * w + fr.uniform(-0.08, 0.08) * w
-    half_angle = math.radians(pr.uniform(35, 41) + fr.uniform(-11, 11))
-    depth = h * fr.uniform(0.7, 1.05)
+    apex_y, apex_x = -ar.uniform(0, 0.12) * h, w / 2 + pr.uniform(-0.04, 0.04) * w + ar.uniform(-0.08, 0.08) * w
+    half_angle = math.radians(pr.uniform(35, 41) + ar.uniform(-11, 11))
+    depth = h * ar.uniform(0.7, 1.05)
 
     yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     dist = np.hypot(yy - apex_y, xx - apex_x)
@@ -282,8 +288,8 @@ def _camus_frame(seed: int, patient: int, view: int, instant: int, shape: tuple[
         grow = vr.uniform(1.15, 1.3)
         la_ry, la_rx = la_ry * grow, la_rx * grow
     ay, ax = math.cos(tilt), math.sin(tilt)  # unit vector along the long axis, pointing down
-    cy = apex_y + ay * centre_depth + fr.uniform(-0.04, 0.04) * h  # the probe moved a little
-    cx = apex_x + ax * centre_depth + fr.uniform(-0.06, 0.06) * w
+    cy = apex_y + ay * centre_depth + ar.uniform(-0.04, 0.04) * h  # the probe moved a little
+    cx = apex_x + ax * centre_depth + ar.uniform(-0.06, 0.06) * w
     la_dist = length + la_ry * 0.95
     la_cy, la_cx = cy + ay * la_dist, cx + ax * la_dist
 
@@ -300,18 +306,18 @@ def _camus_frame(seed: int, patient: int, view: int, instant: int, shape: tuple[
     label[~cone] = 0
 
     # echogenicity: tissue with a smooth random texture (per frame), bright wall, dark blood
-    tissue = fr.uniform(50, 85) * _smooth(fr, shape, (3, 3), 0.25, 1.65)
+    tissue = ar.uniform(50, 85) * _smooth(ar, shape, (3, 3), 0.25, 1.65)
     base = tissue
-    base = np.where(myo, fr.uniform(165, 210) * _smooth(fr, shape, (3, 3), 0.85, 1.15), base)
-    base = np.where(cavity | atrium, fr.uniform(8, 22), base)
+    base = np.where(myo, ar.uniform(165, 210) * _smooth(ar, shape, (3, 3), 0.85, 1.15), base)
+    base = np.where(cavity | atrium, ar.uniform(8, 22), base)
     base = gaussian_filter(base, 1.0)
     # time-gain compensation profile over depth and an acoustic shadow (a darker wedge from the
     # probe, e.g. behind a rib): both vary per frame, as they do between real acquisitions
     r = dist / depth
-    gain = (1.0 + fr.uniform(-0.35, 0.35) * np.cos(math.pi * r) + fr.uniform(-0.3, 0.3) * np.cos(2 * math.pi * r))
+    gain = (1.0 + ar.uniform(-0.35, 0.35) * np.cos(math.pi * r) + ar.uniform(-0.3, 0.3) * np.cos(2 * math.pi * r))
     angle = np.arctan2(xx - apex_x, yy - apex_y + 1e-3)
-    centre, spread = fr.uniform(-half_angle, half_angle), math.radians(fr.uniform(6, 14))
-    gain = gain * (1.0 - fr.uniform(0.4, 0.75) * np.exp(-0.5 * ((angle - centre) / spread) ** 2))
+    centre, spread = ar.uniform(-half_angle, half_angle), math.radians(ar.uniform(6, 14))
+    gain = gain * (1.0 - ar.uniform(0.4, 0.75) * np.exp(-0.5 * ((angle - centre) / spread) ** 2))
     image = base * gain * _speckle(fr, shape)
     image[~cone] = 0
     return _to_uint8(image), label
@@ -364,11 +370,15 @@ def _copy_exact(src: Path, dst: Path, layout: str) -> None:
 
 
 def write_camus(root: str | Path, n_patients: int = 6, layout: str = "2019", size: tuple[int, int] | None = None,
-                seed: int = 0, duplicates: bool = True, testing: int = 1, sequences: bool = True) -> Path:
+                seed: int = 0, duplicates: bool = True, testing: int = 1, sequences: bool = True,
+                same_acquisition: bool = False) -> Path:
     """Write CAMUS in the 2019 (``training/``, ``testing/``, .mhd) or 2023 (``database_nifti/``) layout.
 
     Returns ``root/CAMUS_2019`` or ``root/CAMUS_public``. The same seed gives the same frames
     in both layouts. ``testing`` patients (2019 only) have no ground truth, as in the release.
+    ``same_acquisition``: ED and ES of one view come from one recording (shared sector, gain,
+    texture), as in the real data, so they may be perceptual near-duplicates of each other;
+    frames of different patients or views are still kept apart.
     """
     layout = str(layout)
     if layout not in ("2019", "2023"):
@@ -387,9 +397,18 @@ def write_camus(root: str | Path, n_patients: int = 6, layout: str = "2019", siz
     distinct = _Distinct()
     cache: dict[tuple[int, int, int], tuple[np.ndarray, np.ndarray]] = {}
 
+    attempts: dict[tuple[int, int], int] = {}  # (patient, view) -> the attempt ED was drawn with
+
     def frame(p: int, v: int, i: int, shape: tuple[int, int], check: bool) -> tuple[np.ndarray, np.ndarray]:
         if (p, v, i) not in cache:
-            cache[(p, v, i)] = distinct.draw(lambda attempt: _camus_frame(seed, p, v, i, shape, attempt), check)
+            if same_acquisition and (p, v) in attempts:  # ES of a recording whose ED is drawn
+                cache[(p, v, i)] = _camus_frame(seed, p, v, i, shape, attempts[(p, v)], True)
+            else:
+                def make(attempt: int) -> tuple[np.ndarray, np.ndarray]:
+                    attempts[(p, v)] = attempt
+                    return _camus_frame(seed, p, v, i, shape, attempt, same_acquisition)
+
+                cache[(p, v, i)] = distinct.draw(make, check)
         return cache[(p, v, i)]
 
     def write_patient(folder: Path, p: int, gt: bool) -> None:

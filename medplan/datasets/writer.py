@@ -4,6 +4,8 @@ Every case is decoded, validated (readable image, label of the same size, values
 declared classes) and written as PNG inside a temporary folder that replaces
 ``$MEDPLAN_RAW/NAME`` only when every case succeeded, so a failed import never damages an
 earlier good one. Decoding and PNG encoding run in a small process pool for large datasets.
+Images with more than 8 bits per value share one intensity window (``intensity_window`` in
+dataset.json); mask files no image was paired with are listed (``orphan_masks`` and a note).
 """
 from __future__ import annotations
 
@@ -11,7 +13,6 @@ import csv
 import io
 import multiprocessing
 import os
-import re
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
@@ -19,33 +20,108 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+from PIL import Image
 
 from medplan import __version__
 from medplan.datasets.base import FORMATS, Case, Collected, LabelDecoder, read_label
 from medplan.errors import MedplanError
-from medplan.io import atomic_directory, atomic_write_json, png_bytes, read_image, read_json, to_uint8
+from medplan.names import check_name
+from medplan.io import (ITK_SUFFIXES, atomic_directory, atomic_write_json, image_suffix, os_error_from_record,
+                        os_error_record, os_errors, png_bytes, read_image, read_json, to_uint8)
 from medplan.paths import raw_root as default_raw_root
 
 RAW_FORMAT = "medplan-raw-1"
 FIXED_COLUMNS = ["case_id", "group", "source_image", "source_label"]
 AUTO_IMPORT_FOLDER = "medplan"
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 # below this many cases starting worker processes costs more than it saves
 POOL_MIN_CASES = 64
+
+
+# ----------------------------------------------------------------------------- intensity window
+# Images stored with more than 8 bits per value (16-bit PNG/TIFF, float or 16-bit ITK) are
+# mapped to uint8 with ONE window for the whole dataset, so equal raw intensities stay equal
+# between images. The window is estimated from a bounded random sample of every such image's
+# values (memory stays flat whatever the dataset size); 8-bit images are never touched.
+
+WINDOW_PERCENTILES = (0.5, 99.5)
+WINDOW_SAMPLE = 1_000_000  # values kept for the percentiles, over all images together
+WINDOW_MIN_PER_IMAGE = 256
+WINDOW_SEED = 0  # the same download always gives the same window
+
+
+def _is_8bit(path: Path) -> bool:
+    """From the file header only (no pixels decoded): whether ``path`` holds 8-bit values."""
+    try:
+        if image_suffix(path) in ITK_SUFFIXES:
+            import SimpleITK as sitk
+
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            return reader.GetPixelID() in (sitk.sitkUInt8, sitk.sitkVectorUInt8)
+        with Image.open(path) as img:
+            return not (img.mode.startswith("I") or img.mode == "F")
+    except Exception:  # noqa: BLE001 -- unreadable: the conversion names the file and the reason
+        return True
+
+
+def _channels_of(array: np.ndarray, path: Path) -> np.ndarray:
+    """(H, W) or (H, W, 3): a single channel squeezed, alpha dropped."""
+    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
+        return array[..., 0] if array.shape[2] == 1 else array[..., :3]
+    if array.ndim != 2:
+        raise MedplanError(f"expected a 2D gray or RGB image, got array shape {array.shape}", path)
+    return array
+
+
+def intensity_window(images: list[Path], *, progress: bool = False) -> dict[str, Any] | None:
+    """One ``{"low", "high", "source", "images"}`` window for the images stored with more than
+    8 bits per value (None when every image is 8-bit)."""
+    wide = [p for p in images if not _is_8bit(p)]
+    if not wide:
+        return None
+    rng = np.random.default_rng(WINDOW_SEED)
+    per_image = max(WINDOW_MIN_PER_IMAGE, WINDOW_SAMPLE // len(wide))
+    samples, small_integers = [], True
+    for path in _progress(wide, len(wide), "intensity window", progress):
+        array = _channels_of(read_image(path), path)
+        if array.dtype == np.uint8 or array.dtype == bool:
+            continue
+        flat = array.reshape(-1)
+        if flat.dtype.kind == "f":
+            flat = flat[np.isfinite(flat)]
+            small_integers = small_integers and bool(np.array_equal(np.rint(flat), flat))
+        if flat.size == 0:
+            continue
+        small_integers = small_integers and float(flat.min()) >= 0 and float(flat.max()) <= 255
+        take = flat if flat.size <= per_image else flat[rng.integers(0, flat.size, per_image)]
+        samples.append(take.astype(np.float64))
+    n = len(wide)
+    what = f"{n} image(s) with more than 8 bits per value"
+    if not samples or small_integers:
+        return {"low": 0.0, "high": 255.0, "images": n,
+                "source": f"{what} hold integers 0..255 only: stored unchanged"}
+    values = np.concatenate(samples)
+    low, high = (float(v) for v in np.percentile(values, WINDOW_PERCENTILES))
+    if high <= low:
+        low, high = float(values.min()), float(values.max())
+    pct = "-".join(f"{q:g}" for q in WINDOW_PERCENTILES)
+    return {"low": low, "high": high, "images": n,
+            "source": f"{pct} percentiles of {what} ({values.size} sampled values)"}
 
 
 # ----------------------------------------------------------------------------- one case (worker)
 
 
-def _image_uint8(array: np.ndarray, path: Path) -> np.ndarray:
-    if array.ndim == 3 and array.shape[2] in (1, 3, 4):
-        array = array[..., 0] if array.shape[2] == 1 else array[..., :3]
-    elif array.ndim != 2:
-        raise MedplanError(f"expected a 2D gray or RGB image, got array shape {array.shape}", path)
+def _image_uint8(array: np.ndarray, path: Path, window: dict[str, Any] | None = None) -> np.ndarray:
+    array = _channels_of(array, path)
     if array.dtype == np.uint8:
         return np.ascontiguousarray(array)
     if array.dtype == bool:
         return array.astype(np.uint8) * 255
+    if window is not None:
+        return to_uint8(array, (window["low"], window["high"]))
+    # not announced by the file header (no window): the old per-image rules
     if array.dtype.kind in "ui" and array.size and array.min() >= 0 and array.max() <= 255:
         return array.astype(np.uint8)
     if array.dtype.kind == "f" and array.size and np.all(np.isfinite(array)) and array.min() >= 0 \
@@ -61,11 +137,12 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _convert_case(task: tuple[Case, LabelDecoder, str, str]) -> dict[str, Any]:
-    """Decode, check and write one case; errors come back as data so the pool stays simple."""
-    case, decoder, out, root = task
+def _convert_case(task: tuple[Case, LabelDecoder, str, str, dict[str, Any] | None]) -> dict[str, Any]:
+    """Decode, check and write one case; errors come back as data so the pool stays simple
+    (an OS error keeps its number, reason, file and operation across the process boundary)."""
+    case, decoder, out, root, window = task
     try:
-        image = _image_uint8(read_image(case.image), case.image)
+        image = _image_uint8(read_image(case.image), case.image, window)
         if image.shape[0] < 1 or image.shape[1] < 1:
             raise MedplanError("empty image", case.image)
         arrays = []
@@ -77,19 +154,32 @@ def _convert_case(task: tuple[Case, LabelDecoder, str, str]) -> dict[str, Any]:
             arrays.append(array)
         label = decoder.decode(arrays, case.labels)
         out_dir = Path(out)
-        (out_dir / "images" / f"{case.case_id}.png").write_bytes(png_bytes(image))
-        (out_dir / "labels" / f"{case.case_id}.png").write_bytes(png_bytes(label))
+        for sub, array in (("images", image), ("labels", label)):
+            target = out_dir / sub / f"{case.case_id}.png"
+            with os_errors(target, "write"):
+                target.write_bytes(png_bytes(array))
     except MedplanError as exc:
         text = str(exc)
         if exc.path is not None and text.startswith(f"{exc.path}: "):
             text = text[len(exc.path) + 2:]
         return {"error": text, "path": exc.path}
+    except OSError as exc:
+        return {"os_error": os_error_record(exc)}
     row = {"case_id": case.case_id, "group": case.group or case.case_id,
            "source_image": _relative(case.image, Path(root)),
            "source_label": ";".join(_relative(p, Path(root)) for p in case.labels)}
     row.update(case.metadata)
     return {"row": row, "channels": 1 if image.ndim == 2 else 3,
             "classes": np.unique(label).tolist()}
+
+
+def _in_dest(exc: OSError, tmp: Path, dest: Path) -> OSError:
+    """The error naming ``dest/...`` instead of the hidden folder the import is built in."""
+    name = os.fsdecode(exc.filename) if exc.filename else None
+    if name is None or not (name == str(tmp) or name.startswith(str(tmp) + os.sep)):
+        return exc
+    number, reason, _, operation = os_error_record(exc)
+    return os_error_from_record((number, reason, str(dest) + name[len(str(tmp)):], operation))
 
 
 def _run(tasks: list[tuple], workers: int) -> Iterator[dict[str, Any]]:
@@ -117,12 +207,27 @@ def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Itera
                 leave=interactive)
 
 
+ORPHANS_LISTED = 20
+
+
+def orphan_note(orphans: list[str]) -> str | None:
+    """``3 mask file(s) not paired with any image, not imported: a.png, b.png, c.png``."""
+    if not orphans:
+        return None
+    shown = ", ".join(orphans[:ORPHANS_LISTED])
+    more = f" and {len(orphans) - ORPHANS_LISTED} more (all in dataset.json orphan_masks)" \
+        if len(orphans) > ORPHANS_LISTED else ""
+    return f"{len(orphans)} mask file(s) not paired with any image, not imported: {shown}{more}"
+
+
 def write_raw(collected: Collected, dest: Path, name: str, source: Path, *, progress: bool = True,
               workers: int | None = None) -> dict[str, Any]:
     """Convert every collected case into ``dest`` (atomically); returns dataset.json."""
     cases = collected.cases
+    check_name(name, "dataset name")
     ids: dict[str, Case] = {}
     for case in cases:
+        check_name(case.case_id, "case id", case.image)
         if case.case_id in ids:
             raise MedplanError(f"two source images give the same case id {case.case_id!r} "
                                f"(also {ids[case.case_id].image})", case.image)
@@ -130,52 +235,74 @@ def write_raw(collected: Collected, dest: Path, name: str, source: Path, *, prog
     if workers is None:
         workers = min(2, os.cpu_count() or 1)
     notes = list(collected.notes)
+    orphans = sorted(_relative(p, collected.root) for p in collected.orphan_masks)
+    if orphans:
+        notes.append(orphan_note(orphans))
+    window = intensity_window([case.image for case in cases], progress=progress)
+    if window is not None:
+        notes.append(f"{window['images']} image(s) with more than 8 bits per value mapped to 0..255 with one "
+                     f"window {window['low']:g}..{window['high']:g} for the whole dataset ({window['source']})")
     with atomic_directory(dest) as tmp:
-        (tmp / "images").mkdir()
-        (tmp / "labels").mkdir()
-        tasks = [(case, collected.decoder, str(tmp), str(collected.root)) for case in cases]
-        rows, channels, present = [], [], set()
-        results = _run(tasks, workers)
-        bar = _progress(results, len(tasks), f"convert {name}", progress)
         try:
-            for result in bar:
-                if "error" in result:
-                    raise MedplanError(result["error"], result["path"])
-                rows.append(result["row"])
-                channels.append(result["channels"])
-                present.update(result["classes"])
-        finally:
-            if hasattr(bar, "close"):
-                bar.close()
-            results.close()  # stops the worker pool at once on the first bad case
-        stored = 3 if 3 in channels else 1
-        if set(channels) == {1, 3}:
-            # one dataset, one channel count: store the few gray images as RGB (R = G = B)
-            for row, ch in zip(rows, channels):
-                if ch == 1:
-                    path = tmp / "images" / f"{row['case_id']}.png"
-                    gray = read_image(path)
+            dataset = _fill(tmp, collected, cases, name, source, notes, orphans, window, workers, progress)
+        except OSError as exc:
+            raise _in_dest(exc, tmp, dest) from None
+    return dataset
+
+
+def _fill(tmp: Path, collected: Collected, cases: list[Case], name: str, source: Path, notes: list[str],
+          orphans: list[str], window: dict[str, Any] | None, workers: int, progress: bool) -> dict[str, Any]:
+    """Write every case, cases.csv and dataset.json into the temporary folder ``tmp``."""
+    (tmp / "images").mkdir()
+    (tmp / "labels").mkdir()
+    tasks = [(case, collected.decoder, str(tmp), str(collected.root), window) for case in cases]
+    rows, channels, present = [], [], set()
+    results = _run(tasks, workers)
+    bar = _progress(results, len(tasks), f"convert {name}", progress)
+    try:
+        for result in bar:
+            if "error" in result:
+                raise MedplanError(result["error"], result["path"])
+            if "os_error" in result:
+                raise os_error_from_record(result["os_error"])
+            rows.append(result["row"])
+            channels.append(result["channels"])
+            present.update(result["classes"])
+    finally:
+        if hasattr(bar, "close"):
+            bar.close()
+        results.close()  # stops the worker pool at once on the first bad case
+    stored = 3 if 3 in channels else 1
+    if set(channels) == {1, 3}:
+        # one dataset, one channel count: store the few gray images as RGB (R = G = B)
+        for row, ch in zip(rows, channels):
+            if ch == 1:
+                path = tmp / "images" / f"{row['case_id']}.png"
+                gray = read_image(path)
+                with os_errors(path, "write"):
                     path.write_bytes(png_bytes(np.repeat(gray[..., None], 3, axis=2)))
-            notes.append(f"{channels.count(1)} gray image(s) stored as RGB (R = G = B) to match the others")
-        missing = [n for n, i in collected.labels.items() if i not in present and i != 0]
-        if missing:
-            notes.append(f"class(es) {', '.join(missing)} never appear in any label map")
-        _write_cases_csv(tmp / "cases.csv", rows)
-        dataset = {
-            "name": name,
-            "format": RAW_FORMAT,
-            "source_format": collected.source_format,
-            "source": str(source),
-            "modality": collected.modality,
-            "channels": stored,
-            "labels": collected.labels,
-            "group_column": "group" if any(c.group for c in cases) else None,
-            "num_cases": len(rows),
-            "created": datetime.now().isoformat(timespec="seconds"),
-            "medplan_version": __version__,
-            "notes": notes,
-        }
-        atomic_write_json(tmp / "dataset.json", dataset)
+        notes.append(f"{channels.count(1)} gray image(s) stored as RGB (R = G = B) to match the others")
+    missing = [n for n, i in collected.labels.items() if i not in present and i != 0]
+    if missing:
+        notes.append(f"class(es) {', '.join(missing)} never appear in any label map")
+    _write_cases_csv(tmp / "cases.csv", rows)
+    dataset = {
+        "name": name,
+        "format": RAW_FORMAT,
+        "source_format": collected.source_format,
+        "source": str(source),
+        "modality": collected.modality,
+        "channels": stored,
+        "labels": collected.labels,
+        "group_column": "group" if any(c.group for c in cases) else None,
+        "num_cases": len(rows),
+        "intensity_window": window,
+        "orphan_masks": orphans,
+        "created": datetime.now().isoformat(timespec="seconds"),
+        "medplan_version": __version__,
+        "notes": notes,
+    }
+    atomic_write_json(tmp / "dataset.json", dataset)
     return dataset
 
 
@@ -189,7 +316,8 @@ def _write_cases_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    path.write_text(buf.getvalue(), encoding="utf-8")
+    with os_errors(path, "write"):
+        path.write_text(buf.getvalue(), encoding="utf-8")
 
 
 # ----------------------------------------------------------------------------- public API
@@ -243,22 +371,26 @@ def convert_dataset(fmt: str, source: str | Path, name: str | None = None, *, ra
     name = name or importer.default_name
     if not name:
         raise MedplanError(f"format {fmt!r} needs a dataset name (-d NAME)")
-    if not _NAME.match(name):
-        raise MedplanError(f"dataset name {name!r} must be letters, digits, '.', '_' or '-'")
+    check_name(name, "dataset name")
     root = Path(raw_root).expanduser() if raw_root is not None else default_raw_root()
     dest = root.resolve() / name
     if source == dest or dest in source.parents:
         dest = dest / AUTO_IMPORT_FOLDER
     if source == dest or dest in source.parents:
         raise MedplanError(f"the download must not lie inside the output folder {dest}", source)
-    if dest.exists():
-        if (dest / "dataset.json").is_file():
-            if not force:
-                raise MedplanError(f"dataset {name!r} already exists; use --force to replace it", dest)
-        elif dest.is_dir() and any(dest.iterdir()):
-            raise MedplanError("exists and is not a medplan raw dataset (no dataset.json); not replacing it", dest)
-    collected = importer.collect(source, **options)
-    write_raw(collected, dest, name, source, progress=progress, workers=workers)
+    from medplan.locks import exclusive_lock, remove_stale_siblings
+
+    # one convert of a dataset at a time: the lock lies beside the folder, which is swapped in whole
+    with exclusive_lock(dest.parent / f".{dest.name}.lock", purpose=f"convert {name}"):
+        remove_stale_siblings(dest)  # the temporary folders of a killed convert of this dataset
+        if dest.exists():
+            if (dest / "dataset.json").is_file():
+                if not force:
+                    raise MedplanError(f"dataset {name!r} already exists; use --force to replace it", dest)
+            elif dest.is_dir() and any(dest.iterdir()):
+                raise MedplanError("exists and is not a medplan raw dataset (no dataset.json); not replacing it", dest)
+        collected = importer.collect(source, **options)
+        write_raw(collected, dest, name, source, progress=progress, workers=workers)
     return dest
 
 
@@ -275,12 +407,13 @@ def resolve_raw_dataset(name: str, *, progress: bool = True, quiet: bool = False
     ``NAME/medplan/``, or an official download layout, which is then imported (once) into
     ``NAME/medplan/`` without touching the download.
     """
+    check_name(name, "dataset name")
     root = default_raw_root()
     folder = root / name
     for candidate in (folder, folder / AUTO_IMPORT_FOLDER):
         if (candidate / "dataset.json").is_file():
             return candidate
-    fmt = detect_format(folder) if folder.is_dir() and _NAME.match(name) else None
+    fmt = detect_format(folder) if folder.is_dir() else None
     if fmt is not None:
         if not quiet:
             print(f"medplan: {folder} holds a {fmt} download; importing it into {folder / AUTO_IMPORT_FOLDER} "

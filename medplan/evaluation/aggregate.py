@@ -26,6 +26,7 @@ import pandas as pd
 
 from medplan.errors import MedplanError
 from medplan.io import atomic_write_json, read_json
+from medplan.names import check_name, check_names, inside, is_valid_name
 
 METRICS = ("mDSC", "mIoU", "mRec", "mPrec")
 DEFAULT_N_FOLDS = 5
@@ -43,6 +44,14 @@ def _results_root(results_root: str | Path | None) -> Path:
     return Path(results_root) if results_root is not None else default()
 
 
+def model_path(results_root: str | Path | None, dataset: str, arch: str) -> Path:
+    """``RESULTS/DATASET/ARCH`` with both names checked (:mod:`medplan.names`): never outside the root."""
+    root = _results_root(results_root)
+    path = root / check_name(dataset, "dataset name") / check_name(arch, "architecture name")
+    inside(root, path)
+    return path
+
+
 def is_model_dir(path: Path) -> bool:
     return path.is_dir() and any(p.is_dir() and p.name.startswith("fold_") for p in path.iterdir())
 
@@ -51,15 +60,16 @@ def model_dirs(results_root: str | Path | None = None, datasets: Iterable[str] |
                archs: Iterable[str] | None = None) -> list[tuple[str, str, Path]]:
     """(dataset, arch, folder) of every ``RESULTS/DATASET/ARCH/`` that holds ``fold_K/`` folders."""
     root = _results_root(results_root)
+    want_d = set(check_names(datasets, "dataset name")) if datasets else None
+    want_a = set(check_names(archs, "architecture name")) if archs else None
     if not root.is_dir():
         raise MedplanError("results folder not found (set MEDPLAN_RESULTS)", root)
-    want_d = set(datasets) if datasets else None
-    want_a = set(archs) if archs else None
     found = []
-    for ddir in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    # folders whose names break the name rule (hidden, spaces, ...) are not medplan's: skipped
+    for ddir in sorted(p for p in root.iterdir() if p.is_dir() and is_valid_name(p.name)):
         if want_d is not None and ddir.name not in want_d:
             continue
-        for adir in sorted(p for p in ddir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        for adir in sorted(p for p in ddir.iterdir() if p.is_dir() and is_valid_name(p.name)):
             if (want_a is None or adir.name in want_a) and is_model_dir(adir):
                 found.append((ddir.name, adir.name, adir))
     for name in sorted(want_d or ()):
@@ -123,7 +133,7 @@ def model_table(dataset: str, arch: str, *, results_root: str | Path | None = No
     """One row per expected fold of one model (missing folds included, status ``missing``)."""
     from medplan.evaluation.evaluate import evaluate_fold, fold_has_predictions
 
-    model_dir = _results_root(results_root) / dataset / arch
+    model_dir = model_path(results_root, dataset, arch)
     if not is_model_dir(model_dir):
         raise MedplanError("no fold_K/ folders: not a trained model folder", model_dir)
     plan = model_plan(model_dir, dataset)
@@ -247,7 +257,7 @@ def write_cv_summaries(df: pd.DataFrame, results_root: str | Path | None = None,
     root = _results_root(results_root)
     paths = []
     for (dataset, arch), g in df.groupby(["dataset", "arch"], sort=True):
-        path = root / dataset / arch / cv_summary_name(at_input_size)
+        path = model_path(root, dataset, arch) / cv_summary_name(at_input_size)
         atomic_write_json(path, cv_summary(g))
         paths.append(path)
     return paths

@@ -22,8 +22,9 @@ import numpy as np
 import pandas as pd
 
 from medplan.errors import MedplanError
-from medplan.evaluation.aggregate import _fold_key, _results_root, is_model_dir, model_plan
+from medplan.evaluation.aggregate import _fold_key, _results_root, is_model_dir, model_path, model_plan
 from medplan.io import atomic_write_bytes, atomic_write_json, read_json
+from medplan.names import check_fold, check_name, inside
 
 
 def _per_case_of_fold(fold_dir: Path, plan: dict | None, recompute: bool) -> dict[str, dict] | None:
@@ -43,11 +44,11 @@ def per_case_table(dataset: str, arch: str, *, folds: Sequence[int | str] | None
                    results_root: str | Path | None = None, recompute: bool = False) -> pd.DataFrame:
     """One row per validation case of every available fold: fold, case_id, mDSC, mIoU, mRec,
     mPrec and ``dice:<class>`` columns."""
-    model_dir = _results_root(results_root) / dataset / arch
+    model_dir = model_path(results_root, dataset, arch)
     if not is_model_dir(model_dir):
         raise MedplanError("no fold_K/ folders: not a trained model folder", model_dir)
     plan = model_plan(model_dir, dataset)
-    fold_dirs = ([model_dir / f"fold_{f}" for f in folds] if folds else
+    fold_dirs = ([model_dir / f"fold_{check_fold(f)}" for f in folds] if folds else
                  sorted((p for p in model_dir.glob("fold_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:])))
     rows = []
     for fold_dir in fold_dirs:
@@ -151,7 +152,10 @@ def paired_comparison(dataset: str, arch_a: str, arch_b: str, *, n_boot: int = 1
 
 def write_comparison(result: dict[str, Any], results_root: str | Path | None = None) -> list[Path]:
     """``DATASET/compare_A_vs_B.json`` (the statistics) and ``..._cases.csv`` (per-case values)."""
-    base = _results_root(results_root) / result["dataset"] / f"compare_{result['arch_a']}_vs_{result['arch_b']}"
+    root = _results_root(results_root)
+    a, b = check_name(result["arch_a"], "architecture name"), check_name(result["arch_b"], "architecture name")
+    base = root / check_name(result["dataset"], "dataset name") / f"compare_{a}_vs_{b}"
+    inside(root, base)
     json_path, csv_path = base.with_suffix(".json"), Path(f"{base}_cases.csv")
     atomic_write_bytes(csv_path, result["cases"].to_csv(index=False).encode())
     atomic_write_json(json_path, {k: v for k, v in result.items() if k != "cases"})
@@ -182,7 +186,7 @@ def worst_cases(dataset: str, arch: str, n: int = 50, *, folds: Sequence[int | s
     if n < 1:
         raise MedplanError(f"--worst must be >= 1, got {n}")
     table = per_case_table(dataset, arch, folds=folds, results_root=results_root, recompute=recompute)
-    model_dir = _results_root(results_root) / dataset / arch
+    model_dir = model_path(results_root, dataset, arch)
     outputs: list[tuple[Path, bytes]] = []
     for fold, g in sorted(table.groupby("fold"), key=lambda kv: _fold_key(kv[0])):
         worst = g.sort_values(["mDSC", "case_id"], na_position="first").head(n).drop(columns="fold")

@@ -21,7 +21,8 @@ import numpy as np
 
 from medplan.errors import MedplanError
 from medplan.evaluation.metrics import MetricAccumulator, summary_dict
-from medplan.io import atomic_write_json, case_stem, is_image_file, read_image, read_json
+from medplan.io import atomic_write_json, case_stem, is_image_file, read_json, read_label
+from medplan.names import check_names
 
 Pair = tuple[str, Path, Path]  # case id, prediction, ground truth
 
@@ -157,8 +158,8 @@ def evaluate_pairs(pairs: Sequence[Pair], labels: int | Sequence[int] | Mapping[
     from medplan.preprocessing import progress_bar
 
     for case_id, pred_path, gt_path in progress_bar(pairs, total=len(pairs), desc="evaluate", enabled=progress):
-        pred = read_image(pred_path)
-        gt = read_image(gt_path)
+        pred = read_label(pred_path)  # a palette PNG's indices are its labels, not its colours
+        gt = read_label(gt_path)
         if pred.shape[:2] != gt.shape[:2]:
             raise MedplanError(f"prediction is {pred.shape[0]}x{pred.shape[1]} but its ground truth {gt_path} is "
                                f"{gt.shape[0]}x{gt.shape[1]} (height x width)", pred_path)
@@ -287,6 +288,10 @@ def evaluate_fold(fold_dir: str | Path, plan: dict | None = None, *, at_input_si
     if not vdir.is_dir():
         raise MedplanError("no validation predictions (the fold is not trained to the end)", vdir)
     cases = config.get("val_cases") or None
+    if cases is not None:  # ids from a file become file names below: checked first
+        if not isinstance(cases, list):
+            raise MedplanError("'val_cases' must be a list of case ids", fold_dir / "config.json")
+        check_names(cases, "case id in 'val_cases'", fold_dir / "config.json")
     pairs = match_folders(vdir, gt_dir, cases if cases else sorted(label_files(vdir, "prediction")))
     size = plan["input_size"] if at_input_size else None
     return evaluate_pairs(pairs, plan["labels"], input_size=size, progress=progress)

@@ -166,5 +166,6 @@ def plan_default(fingerprint: dict, dataset_json: dict, *, raw_dir: str | Path) 
         "num_cases": fingerprint.get("num_cases"),
         "num_kept": fingerprint.get("num_kept"),
         "excluded_cases": excluded,
+        "intensity_window": dataset_json.get("intensity_window"),
         "reasons": reasons,
     }

@@ -6,6 +6,7 @@ Values are parsed as JSON where possible (``--set input_size=[256,256]``,
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 from typing import Any
 
@@ -30,6 +31,11 @@ def parse_set_args(items: list[str] | None) -> dict[str, Any]:
     return result
 
 
+def _did_you_mean(key: str, node: Any) -> str:
+    close = difflib.get_close_matches(key, list(node), n=1) if isinstance(node, dict) else []
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
 def apply_overrides(plan: dict, overrides: dict[str, Any] | None) -> dict:
     """Return a copy of ``plan`` with dotted-key overrides applied and recorded in ``reasons``.
 
@@ -41,10 +47,11 @@ def apply_overrides(plan: dict, overrides: dict[str, Any] | None) -> dict:
         node = plan
         for i, part in enumerate(parts[:-1]):
             if not isinstance(node, dict) or part not in node:
-                raise MedplanError(f"--set {key}: plans.json has no key {'.'.join(parts[: i + 1])!r}")
+                raise MedplanError(f"--set {key}: plans.json has no key {'.'.join(parts[: i + 1])!r}"
+                                   + _did_you_mean(part, node))
             node = node[part]
         if not isinstance(node, dict) or parts[-1] not in node:
-            raise MedplanError(f"--set {key}: plans.json has no key {key!r}")
+            raise MedplanError(f"--set {key}: plans.json has no key {key!r}" + _did_you_mean(parts[-1], node))
         node[parts[-1]] = value
         plan.setdefault("reasons", {})[key] = f"set by the user (--set {key}={json.dumps(value)})"
     if overrides:

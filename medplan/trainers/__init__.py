@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from medplan.errors import MedplanError
+from medplan.names import check_fold, check_name
 from medplan.trainers.base import DEFAULT_SEED, EarlyStopping, Trainer, TrainSettings, lr_tag
 from medplan.trainers.registry import get_trainer, list_trainers, register_trainer
 
@@ -39,6 +40,7 @@ def run_dir(dataset: str, arch: str, fold: int | str, *, stage: str = "cv", lr: 
     """``ARCH/fold_K`` for cross-validation, ``ARCH/lr_search/lr_1e-04/fold_K`` for the LR search."""
     from medplan.paths import results_dir
 
+    fold = check_fold(fold)
     if stage == "lr_search":
         if lr is None:
             raise MedplanError("an LR-search run needs an explicit --lr")
@@ -55,8 +57,11 @@ def resolve_lr(dataset: str, arch: str, plan: dict, lr: float | None) -> tuple[f
         return float(lr), "command line"
     search = results_dir(dataset, arch) / "lr_search.json"
     if search.is_file():
-        best = read_json(search).get("best_lr")
+        data = read_json(search)
+        best = data.get("best_lr") if isinstance(data, dict) else None
         if best is not None:
+            if isinstance(best, bool) or not isinstance(best, (int, float)) or not 0 < best < float("inf"):
+                raise MedplanError(f"'best_lr' must be a positive number, got {best!r}", search)
             return float(best), str(search)
     return float(plan["lr"]), "plan"
 
@@ -78,9 +83,11 @@ def prepare(dataset: str, arch: str, fold: int | str, *, overrides: dict[str, An
     trainer, without touching the results folder; bad input is a MedplanError naming it."""
     from medplan.pipeline import load_plan, load_splits
 
+    check_name(dataset, "dataset name")
+    check_name(arch, "architecture name")
     settings = TrainSettings.from_overrides(overrides)
     plan = load_plan(dataset)
-    splits = load_splits(dataset)
+    splits = load_splits(dataset, plan)  # checked against the plan and cases.csv before any folder exists
     fold = resolve_fold(fold, splits)
     trainer_cls = get_trainer(arch)
     trainer_cls.check_architecture(arch)

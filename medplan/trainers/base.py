@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as _dt
+import json
 import os
 import platform
 import random
@@ -36,7 +37,9 @@ from torch import nn
 
 import medplan
 from medplan.errors import MedplanError
-from medplan.io import atomic_directory, atomic_write_json, atomic_write_png, read_image, read_json
+from medplan.io import (atomic_directory, atomic_write_json, atomic_write_png, read_image, read_json, read_label,
+                        remove_stale_temporaries)
+from medplan.locks import LOCK_NAME, FileLock
 from medplan.trainers import distributed as ddp
 from medplan.trainers.checkpoint import capture_rng_state, load_checkpoint, restore_rng_state, save_checkpoint
 from medplan.trainers.losses import build_loss
@@ -48,6 +51,10 @@ STAGES = ("cv", "lr_search")
 LATEST, BEST, FINAL = "checkpoint_latest.pt", "checkpoint_best.pt", "checkpoint_final.pt"
 PLOT_INTERVAL_S = 60.0
 RUN_FILES = (LATEST, BEST, FINAL, "metrics.jsonl", "progress.png", "training.log", "config.json")
+#: files whose presence means a run was started and got somewhere (never deleted without --force)
+RUN_STARTED_FILES = (LATEST, BEST, FINAL, "metrics.jsonl", "config.json")
+#: what --continue keeps of a run killed before its first checkpoint (restarted with these settings)
+RECORDED_SETTINGS = ("lr", "epochs", "batch_size", "seed", "model_options")
 
 
 @dataclass
@@ -64,7 +71,7 @@ class TrainSettings:
     num_workers: int | None = None     # data loading workers (None: the loader's default)
     checkpoint_every: int = 1          # write checkpoint_latest.pt every N epochs
     stage: str = "cv"                  # cv | lr_search (picks the epoch budget)
-    force: bool = False                # restart a finished run, deleting its results
+    force: bool = False                # start over a finished or interrupted run, deleting its results
     progress: bool | None = None       # progress bar: None = only on a terminal
     val_batch_size: int | None = None  # None: the training batch size
 
@@ -423,44 +430,174 @@ class Trainer:
 
     # ------------------------------------------------------------------ run
     def run(self, continue_training: bool = False) -> Path:
-        """Train (or resume), then predict the validation fold; returns the fold folder."""
+        """Train (or resume), then predict the validation fold; returns the fold folder.
+
+        Rank 0 holds the fold's lock (``fold_K/.lock``, :mod:`medplan.locks`) from before it
+        reads or deletes anything of the folder until the run ends, so a second run of the
+        fold (``--force`` included) is refused at once. A start that fails before its first
+        epoch ends removes what it wrote (and the folders it created)."""
+        self._lock: FileLock | None = None
+        self._start_written: set[str] | None = None  # names that existed when this start began writing
+        failed = False
         try:
             return self._run(continue_training)
         except KeyboardInterrupt:
             if self.log is not None:
                 self.log.info(f"interrupted after epoch {self.epoch}; resume with --continue")
             raise
+        except Exception:
+            failed = True
+            raise
         finally:
             if getattr(self, "_loader", None) is not None:
                 self._loader.close()
             if self.log is not None:
                 self.log.close()
+            undone = failed and self._undo_failed_start()
+            if self._lock is not None:
+                self._lock.release()
+                self._lock = None
+            if undone:
+                with contextlib.suppress(OSError):
+                    self.output_dir.rmdir()  # only if nothing else is left in it
             # the process group stays up for the next run of this process (LR search); the
             # command-line entry point tears it down (distributed.cleanup)
 
+    def _acquire_lock(self) -> None:
+        """Take the fold's lock (creating the folder if needed), then remove the temporaries
+        that a killed run left in it."""
+        purpose = f"train {self.dataset}/{self.arch}/fold_{self.fold}"
+        if self.settings.stage != "cv":
+            purpose += f" ({self.settings.stage}, lr {self.lr:g})"
+        self._lock = FileLock(self.path(LOCK_NAME), purpose).acquire()
+        try:
+            removed = remove_stale_temporaries(self.output_dir, recursive=True)
+        except OSError as exc:
+            raise MedplanError(f"cannot remove the temporary files of an interrupted run "
+                               f"({exc.strerror or exc})", exc.filename or self.output_dir) from None
+        if removed:
+            print(f"{self.output_dir}: removed {len(removed)} temporary file(s) left by an interrupted run",
+                  file=sys.stderr)
+
     def _decide(self, continue_training: bool) -> tuple:
-        """Fresh start, resume or nothing to do (decided on rank 0, shared with every rank)."""
+        """Fresh start, resume, restart with recorded settings or nothing to do (decided on
+        rank 0 while it holds the fold's lock, shared with every rank).
+
+        An interrupted run is never deleted without ``--force``: without ``--continue`` it is
+        an error that says how to resume it or start over."""
+        force = self.settings.force
         if self.is_complete():
-            if continue_training and not self.settings.force:
+            if continue_training and not force:
                 return ("complete",)
-            if not self.settings.force:
+            if not force:
                 raise MedplanError("holds a finished run; use --continue to keep it or --force to train it again",
                                    self.output_dir)
-        if continue_training and not self.settings.force and self.path(LATEST).is_file():
-            return ("resume",)
-        return ("fresh", any(self.path(n).exists() for n in RUN_FILES))
+        if continue_training and not force:
+            if self.path(LATEST).is_file():
+                return ("resume",)
+            if self.path("config.json").is_file():
+                return ("restart", self._recorded_settings())
+        elif not force and any(self.path(n).exists() for n in RUN_STARTED_FILES):
+            raise MedplanError(f"holds an interrupted run ({self._interrupted_at()}); resume with --continue "
+                               "or start over with --force", self.output_dir)
+        return ("fresh", any(self.path(n).exists() for n in RUN_FILES) or (self.output_dir / "validation").exists())
 
-    def _clear_folder(self) -> None:
+    def _interrupted_at(self) -> str:
+        """``epoch k/N`` of the run in the folder, for messages."""
+        done: int | str = 0
+        total = None
+        if self.path(LATEST).is_file():
+            try:
+                state = load_checkpoint(self.path(LATEST), map_location="cpu")
+                done, total = int(state["epoch"]), int(state["epochs"])
+            except (MedplanError, KeyError, TypeError, ValueError):
+                done = "?"
+        if total is None and self.path("config.json").is_file():
+            with contextlib.suppress(MedplanError, AttributeError):
+                total = read_json(self.path("config.json")).get("epochs")
+        return f"epoch {done}/{total if isinstance(total, int) else self.epochs}"
+
+    def _recorded_settings(self) -> dict:
+        """The settings config.json recorded when the run started (checked: anyone may edit it)."""
+        path = self.path("config.json")
+        cfg = read_json(path)
+        again = "; start over with --force"
+        if not isinstance(cfg, dict):
+            raise MedplanError(f"not a run's config.json (expected a JSON object){again}", path)
+        for key, mine in (("dataset", self.dataset), ("arch", self.arch), ("fold", self.fold)):
+            if key in cfg and str(cfg[key]) != str(mine):
+                raise MedplanError(f"records {key} {cfg[key]!r}, not {mine!r}{again}", path)
+        checks = {"lr": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v < float("inf"),
+                  "epochs": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                  "batch_size": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1,
+                  "seed": lambda v: isinstance(v, int) and not isinstance(v, bool),
+                  "model_options": lambda v: isinstance(v, dict)}
+        recorded = {}
+        for key in RECORDED_SETTINGS:
+            if key not in cfg or not checks[key](cfg[key]):
+                raise MedplanError(f"{key} is {cfg.get(key)!r}, not a valid setting{again}", path)
+            recorded[key] = cfg[key]
+        recorded["lr_source"] = str(cfg.get("lr_source", "config.json"))
+        return recorded
+
+    def _keep_run_settings(self, stored: dict) -> None:
+        """A resumed or restarted run keeps the budget, LR, batch size, seed and model options
+        it started with (a different request is a warning, not a new run)."""
+        kept = {"epochs": (self.epochs, int(stored["epochs"])), "lr": (self.lr, float(stored["lr"])),
+                "seed": (self.settings.seed, int(stored["seed"])),
+                "batch_size": (self.batch_size, int(stored["batch_size"]))}
+        for key, (asked, value) in kept.items():
+            if asked != value:
+                self.log.warning(f"--continue keeps the run's {key} {value:g} (not {asked:g})")
+        self.epochs, self.lr, self.settings.seed, self.batch_size = (v[1] for v in kept.values())
+        options = stored.get("model_options")
+        if isinstance(options, dict):
+            def canonical(o: dict) -> str:
+                return json.dumps(o, sort_keys=True, default=str)
+
+            if canonical(options) != canonical(self.model_options):
+                self.log.warning(f"--continue keeps the run's model options {canonical(options)} "
+                                 f"(not {canonical(self.model_options)})")
+            self.model_options = dict(options)
+
+    def _clear_folder(self, keep: tuple[str, ...] = ()) -> None:
         for name in RUN_FILES:
-            if self.path(name).exists():
+            if name not in keep and self.path(name).exists():
                 self.path(name).unlink()
         shutil.rmtree(self.output_dir / "validation", ignore_errors=True)
+
+    def _start_writing(self, decision: tuple) -> None:
+        """Rank 0, once the run is set up: clear what the decision replaces, then start the
+        run's files. Nothing of an earlier run is deleted before the new one could be built."""
+        if decision[0] == "restart":
+            self._clear_folder(keep=("training.log",))
+        elif decision[1]:
+            print(f"{self.output_dir}: removing the files of an earlier run and starting fresh", file=sys.stderr)
+            self._clear_folder()
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._start_written = {n for n in (*RUN_FILES, "validation") if self.path(n).exists()}
+        self.log.attach(self.path("training.log"))
+        self._write_config()
+
+    def _undo_failed_start(self) -> bool:
+        """After a failure before the first epoch ended: remove the files this start wrote, so
+        that no half-made run is left for a report to count. True if it removed anything."""
+        if self._start_written is None or self.epoch > 0 or not self.ctx.is_main:
+            return False
+        for name in RUN_FILES:
+            if name not in self._start_written:
+                with contextlib.suppress(OSError):  # never hide the error that ended the run
+                    self.path(name).unlink()
+        if "validation" not in self._start_written:
+            shutil.rmtree(self.output_dir / "validation", ignore_errors=True)
+        return True
 
     def _run(self, continue_training: bool) -> Path:
         self.ctx = ddp.init_distributed(resolve_device(self.settings.device).type)
         decision: tuple = ("error", "")
-        if self.ctx.is_main:
+        if self.ctx.is_main:  # under DDP only rank 0 locks, reads and writes the folder
             try:
+                self._acquire_lock()
                 decision = self._decide(continue_training)
             except MedplanError as exc:
                 decision = ("error", str(exc))
@@ -472,28 +609,33 @@ class Trainer:
                 print(f"{self.output_dir}: run is already complete (checkpoint_final.pt, validation/summary.json); "
                       "nothing to do")
             return self.output_dir
-        if self.ctx.is_main and decision[0] == "fresh":
-            if decision[1]:
-                print(f"{self.output_dir}: removing the files of an earlier run and starting fresh", file=sys.stderr)
-                self._clear_folder()
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-        ddp.barrier(self.ctx)
-        self.log = RunLog(self.path("training.log") if self.ctx.is_main else None, console=self.ctx.is_main)
-        resume = load_checkpoint(self.path(LATEST), map_location="cpu") if decision[0] == "resume" else None
-        if continue_training and resume is None and not self.settings.force:
-            self.log.warning("--continue: no checkpoint_latest.pt yet, starting from scratch")
-        if resume is not None:
+        if decision[0] == "resume":
+            self.log = RunLog(self.path("training.log") if self.ctx.is_main else None, console=self.ctx.is_main)
+            resume = load_checkpoint(self.path(LATEST), map_location="cpu")
             self._adopt_run_settings(resume)
-        self.resuming = resume is not None
-        self._setup()
-        if resume is not None:
+            self.resuming = True
+            self._setup()
             self.restore(resume)
             self.log.info(f"resumed from {LATEST} after epoch {self.epoch}/{self.epochs}")
             self._update_config_on_resume()
             if self.ctx.is_main:
                 write_metrics(self.history, self.path("metrics.jsonl"))  # drop epochs newer than the checkpoint
         else:
-            self._write_config()
+            # messages wait in memory until the folder is this run's (training.log of an earlier run
+            # is only replaced once the new run could be built)
+            self.log = RunLog(None, console=self.ctx.is_main, buffer=self.ctx.is_main)
+            self.resuming = False
+            if decision[0] == "restart":
+                self._keep_run_settings(decision[1])
+                self.lr_source = decision[1]["lr_source"]
+                self.log.warning(f"--continue: no {LATEST} yet; restarting the run from scratch with the settings "
+                                 f"its config.json recorded (lr {self.lr:g}, epochs {self.epochs}, batch "
+                                 f"{self.batch_size}, seed {self.settings.seed})")
+            elif continue_training and not self.settings.force:
+                self.log.warning(f"--continue: no {LATEST} yet, starting from scratch")
+            self._setup()
+            if self.ctx.is_main:
+                self._start_writing(decision)
         self.log.info(self._header())
         if not self.training_done:
             self.train_loop()
@@ -501,18 +643,15 @@ class Trainer:
         return self.output_dir
 
     def _adopt_run_settings(self, state: dict) -> None:
-        """A resumed run keeps the budget, LR, batch size and seed it started with."""
+        """A resumed run keeps the budget, LR, batch size, seed and model options it started with."""
         if state.get("arch") != self.arch or str(state.get("fold")) != str(self.fold):
             raise MedplanError(f"checkpoint is for {state.get('arch')} fold {state.get('fold')}, not "
                                f"{self.arch} fold {self.fold}", self.path(LATEST))
         saved = state.get("settings", {})
-        kept = {"epochs": (self.epochs, int(state["epochs"])), "lr": (self.lr, float(state["lr"])),
-                "seed": (self.settings.seed, int(saved.get("seed", self.settings.seed))),
-                "batch_size": (self.batch_size, int(state.get("batch_size", self.batch_size)))}
-        for key, (asked, stored) in kept.items():
-            if asked != stored:
-                self.log.warning(f"--continue keeps the run's {key} {stored:g} (not {asked:g})")
-        self.epochs, self.lr, self.settings.seed, self.batch_size = (v[1] for v in kept.values())
+        self._keep_run_settings({"epochs": state["epochs"], "lr": state["lr"],
+                                 "seed": saved.get("seed", self.settings.seed),
+                                 "batch_size": state.get("batch_size", self.batch_size),
+                                 "model_options": state.get("model_options")})
         if state.get("world_size", 1) != ddp.env_world_size():
             self.log.warning(f"resuming a {state.get('world_size', 1)}-process run with {ddp.env_world_size()}")
 
@@ -719,7 +858,7 @@ class Trainer:
                     # (for bce: p > 0.5, the same rule as logits_to_labels)
                     up = F.interpolate(probs[i:i + 1], size=size, mode="bilinear", align_corners=False)
                     pred = up[0].argmax(dim=0).to(torch.uint8).cpu().numpy()
-                    gt = read_image(label_paths[case_id])
+                    gt = read_label(label_paths[case_id])
                     if gt.shape != pred.shape:
                         raise MedplanError(f"raw label is {list(gt.shape)}, the case's original size is {size}",
                                            label_paths[case_id])

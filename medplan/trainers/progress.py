@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
-from medplan.io import atomic_write_bytes, atomic_write_text
+from medplan.io import atomic_write_bytes, atomic_write_text, with_path
 
 T = TypeVar("T")
 
@@ -20,20 +20,55 @@ LOG_FORMAT = "%(asctime)s %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 
-class RunLog:
-    """Writes to ``training.log`` (appending across resumes) and echoes to the console."""
+class _Pending(logging.Handler):
+    """Keeps records in memory until the log file may be written (:meth:`RunLog.attach`)."""
 
-    def __init__(self, path: Path | None, *, console: bool = True, name: str = "medplan.run"):
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+
+class _LogFile(logging.FileHandler):
+    """``training.log``: a full disk or a lost permission is kept and raised, naming the file, by
+    the next :meth:`RunLog.info` (one line from the CLI), not printed as a logging traceback."""
+
+    error: OSError | None = None
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if not isinstance(exc, OSError):
+            super().handleError(record)
+        elif self.error is None:
+            self.error = with_path(exc, self.baseFilename, "write")
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as exc:  # flushing on close: never hide the error that is ending the run
+            if self.error is None:
+                self.error = with_path(exc, self.baseFilename, "write")
+
+
+class RunLog:
+    """Writes to ``training.log`` (appending across resumes) and echoes to the console.
+
+    With ``path=None, buffer=True`` the messages wait in memory until :meth:`attach` names
+    the file (a fresh run writes into its folder only once it could be built)."""
+
+    def __init__(self, path: Path | None, *, console: bool = True, name: str = "medplan.run", buffer: bool = False):
         self.logger = logging.getLogger(f"{name}.{id(self)}")
         self.logger.setLevel(logging.INFO)
         self.logger.propagate = False
-        fmt = logging.Formatter(LOG_FORMAT, DATE_FORMAT)
         self._handlers: list[logging.Handler] = []
+        self._pending: _Pending | None = None
         if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            handler = logging.FileHandler(path, mode="a", encoding="utf-8")
-            handler.setFormatter(fmt)
-            self._handlers.append(handler)
+            self._handlers.append(self._file_handler(path))
+        elif buffer:
+            self._pending = _Pending()
+            self._handlers.append(self._pending)
         if console:
             stream = logging.StreamHandler(sys.stdout)
             stream.setFormatter(logging.Formatter("%(message)s"))
@@ -41,11 +76,39 @@ class RunLog:
         for h in self._handlers:
             self.logger.addHandler(h)
 
+    @staticmethod
+    def _file_handler(path: Path) -> logging.Handler:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handler = _LogFile(path, mode="a", encoding="utf-8")
+        handler.setFormatter(logging.Formatter(LOG_FORMAT, DATE_FORMAT))
+        return handler
+
+    def attach(self, path: Path) -> None:
+        """Start writing to ``path`` (appending), beginning with the messages kept so far."""
+        handler = self._file_handler(path)
+        if self._pending is not None:
+            for record in self._pending.records:
+                handler.handle(record)
+            self.logger.removeHandler(self._pending)
+            self._handlers.remove(self._pending)
+            self._pending = None
+        self.logger.addHandler(handler)
+        self._handlers.append(handler)
+
     def info(self, message: str) -> None:
         self.logger.info(message)
+        self._raise_write_error()
 
     def warning(self, message: str) -> None:
         self.logger.warning(f"WARNING: {message}")
+        self._raise_write_error()
+
+    def _raise_write_error(self) -> None:
+        for h in self._handlers:
+            error = getattr(h, "error", None)
+            if error is not None:
+                h.error = None
+                raise error
 
     def close(self) -> None:
         for h in self._handlers:
