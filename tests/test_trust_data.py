@@ -257,3 +257,19 @@ def test_plan_and_preprocess_print_the_duplicates_line(medplan_env, capsys):
     assert preprocess_main(["-d", "CAMUS", "--no-progress", "-j", "0"]) == 0
     again = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("duplicates:")]
     assert again == lines
+
+
+# ----------------------------------------------------------------------------- permissions
+
+def test_folders_built_atomically_get_normal_permissions_not_0700(tmp_path):
+    """The raw dataset (and validation/, built the same way) was created by mkdtemp with mode
+    0700, so colleagues sharing the folder could not read it."""
+    import os
+
+    old = os.umask(0o022)
+    try:
+        src = WRITERS["kvasir"](tmp_path / "dl")
+        dest = convert_dataset("kvasir", src, "D", raw_root=tmp_path / "raw", progress=False)
+    finally:
+        os.umask(old)
+    assert (dest.stat().st_mode & 0o777) == 0o755
