@@ -11,7 +11,6 @@ temporary memory-mapped file, so memory does not grow with the number of images.
 from __future__ import annotations
 
 import contextlib
-import csv
 import errno
 import os
 import tempfile
@@ -29,7 +28,7 @@ from medplan.duplicates import (DEFAULT_HASH, DEFAULT_HASH_SIZE, DEFAULT_THRESHO
                                 summary_line, write_duplicates_csv)
 from medplan.errors import MedplanError
 from medplan.names import check_name
-from medplan.io import (IMAGE_SUFFIXES, atomic_write_json, case_stem, image_suffix, os_error_from_record,
+from medplan.io import (IMAGE_SUFFIXES, atomic_write_json, read_cases_csv, case_stem, image_suffix, os_error_from_record,
                         os_error_record, os_errors, read_image, read_json, read_label, remove_stale_temporaries,
                         with_path)
 from medplan.preprocessing import as_input_size, clean_data_dir, data_dir, run_tasks, write_case
@@ -99,29 +98,14 @@ def load_raw_index(raw_dir: str | Path) -> RawIndex:
     channels = dataset.get("channels")
     if channels is not None and channels not in (1, 3):
         raise MedplanError(f"'channels' must be 1 or 3, got {channels!r}", ds_path)
-    if not csv_path.is_file():
-        raise MedplanError("file not found", csv_path)
-    with open(csv_path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        columns = reader.fieldnames or []
-    if "case_id" not in columns:
-        raise MedplanError("missing column 'case_id'", csv_path)
     group_column = dataset.get("group_column")
-    if group_column is not None and group_column not in columns:
-        raise MedplanError(f"dataset.json names group column {group_column!r} but cases.csv has no such column",
-                           csv_path)
-    case_ids: list[str] = []
-    groups: dict[str, str] = {}
-    for line, row in enumerate(rows, start=2):
-        case_id = (row.get("case_id") or "").strip()
-        if not case_id:
-            raise MedplanError(f"empty case_id on line {line}", csv_path)
-        check_name(case_id, f"case id (line {line})", csv_path)  # it becomes a file name of the arrays
-        if case_id in groups:
-            raise MedplanError(f"case_id {case_id!r} appears twice (line {line})", csv_path)
-        groups[case_id] = (row.get(group_column) or "").strip() or case_id if group_column else case_id
-        case_ids.append(case_id)
+    try:
+        case_ids, groups, _ = read_cases_csv(csv_path, group_column)
+    except MedplanError as exc:
+        if group_column is not None and "is not a column" in str(exc):
+            raise MedplanError(f"dataset.json names group column {group_column!r} but cases.csv has no such "
+                               "column", csv_path) from None
+        raise
     if not case_ids:
         raise MedplanError("no cases listed", csv_path)
     declared_n = dataset.get("num_cases")

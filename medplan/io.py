@@ -6,6 +6,7 @@ then renamed, so a kill at any moment leaves either the old file or the new one.
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
 import io
 import json
@@ -20,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from medplan.errors import MedplanError
+from medplan.names import check_name
 
 ITK_SUFFIXES = (".mhd", ".nii.gz", ".nii", ".nrrd", ".mha")
 PIL_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
@@ -262,20 +264,47 @@ def remove_stale_temporaries(folder: str | Path, recursive: bool = False) -> lis
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    removed: list[Path] = []
     entries = folder.rglob(".*") if recursive else folder.glob(".*")
-    for entry in sorted(entries, key=lambda p: len(p.parts), reverse=True):
-        if not (entry.name.endswith(".tmp") or entry.name.endswith(".old")):
-            continue
-        try:
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
-        except FileNotFoundError:
-            continue
-        removed.append(entry)
-    return removed
+    return [entry for entry in sorted(entries, key=lambda p: len(p.parts), reverse=True)
+            if (entry.name.endswith(".tmp") or entry.name.endswith(".old")) and remove_entry(entry)]
+
+
+def remove_entry(entry: Path) -> bool:
+    """Remove a file, link or whole folder; False when it was already gone."""
+    try:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def read_cases_csv(path: Path, group_column: str | None = None) -> tuple[list[str], dict[str, str], list[str]]:
+    """A raw dataset's ``cases.csv``: case ids in file order (each a checked name, none twice),
+    each case's group (its ``group_column`` value, else the case itself) and the column names;
+    MedplanError naming the file and line on the first problem."""
+    if not path.is_file():
+        raise MedplanError("file not found (the raw dataset's case list)", path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        columns = list(reader.fieldnames or [])
+    if "case_id" not in columns:
+        raise MedplanError("missing column 'case_id'", path)
+    if group_column is not None and group_column not in columns:
+        raise MedplanError(f"group column {group_column!r} is not a column", path)
+    case_ids: list[str] = []
+    groups: dict[str, str] = {}
+    for line, row in enumerate(rows, start=2):
+        case_id = (row.get("case_id") or "").strip()
+        check_name(case_id, f"case id (line {line})", path)  # it becomes a file name
+        if case_id in groups:
+            raise MedplanError(f"case_id {case_id!r} appears twice (line {line})", path)
+        groups[case_id] = ((row.get(group_column) or "").strip() or case_id) if group_column else case_id
+        case_ids.append(case_id)
+    return case_ids, groups, columns
 
 
 @contextlib.contextmanager

@@ -42,7 +42,6 @@ import getpass
 import json
 import os
 import re
-import shutil
 import socket
 import sys
 import threading
@@ -52,6 +51,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from medplan.errors import MedplanError
+from medplan.io import remove_entry
 
 LOCK_FORMAT = "medplan-lock-1"
 LOCK_NAME = ".lock"
@@ -492,15 +492,4 @@ def remove_stale_siblings(path: str | Path) -> list[Path]:
     if not path.parent.is_dir():
         return []
     pattern = re.compile(_SIBLING_TMP.format(name=re.escape(path.name)))
-    removed = []
-    for entry in path.parent.iterdir():
-        if pattern.fullmatch(entry.name):
-            try:
-                if entry.is_dir() and not entry.is_symlink():
-                    shutil.rmtree(entry)
-                else:
-                    entry.unlink()
-            except FileNotFoundError:
-                continue
-            removed.append(entry)
-    return removed
+    return [entry for entry in path.parent.iterdir() if pattern.fullmatch(entry.name) and remove_entry(entry)]

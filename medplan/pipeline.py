@@ -6,14 +6,13 @@
 """
 from __future__ import annotations
 
-import csv
 import hashlib
 import json
 from pathlib import Path
 from typing import Any, Callable
 
 from medplan.errors import MedplanError
-from medplan.io import atomic_write_json, read_json
+from medplan.io import atomic_write_json, read_cases_csv, read_json
 from medplan.locks import locked_dataset_stage
 from medplan.paths import preprocessed_dir
 from medplan.planners import get_planner
@@ -72,34 +71,14 @@ def _cases_and_groups(raw_dir: Path, plan: dict) -> tuple[list[str], list[str] |
     """The kept cases of ``cases.csv`` (minus the plan's ``excluded_cases``) and, when the
     split is patient-aware, their groups; every case id is a checked name."""
     path = raw_dir / "cases.csv"
-    if not path.is_file():
-        raise MedplanError("file not found (the raw dataset's case list)", path)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        rows = list(reader)
-        columns = reader.fieldnames or []
-    if "case_id" not in columns:
-        raise MedplanError("missing column 'case_id'", path)
     column = plan["split"].get("group_column")
     grouped = plan["split"]["strategy"] == "group_kfold"
-    if grouped and (not column or column not in columns):
+    if grouped and not column:
         raise MedplanError(f"split.group_column {column!r} is not a column", path)
+    case_ids, group_of, _ = read_cases_csv(path, column if grouped else None)
     excluded = set(plan["excluded_cases"])
-    cases: list[str] = []
-    groups: list[str] = []
-    seen: set[str] = set()
-    for line, row in enumerate(rows, start=2):
-        case = (row.get("case_id") or "").strip()
-        check_name(case, f"case id (line {line})", path)
-        if case in seen:
-            raise MedplanError(f"case_id {case!r} appears twice (line {line})", path)
-        seen.add(case)
-        if case in excluded:
-            continue
-        cases.append(case)
-        if grouped:
-            groups.append((row.get(column) or "").strip() or case)
-    return cases, (groups if grouped else None)
+    cases = [c for c in case_ids if c not in excluded]
+    return cases, ([group_of[c] for c in cases] if grouped else None)
 
 
 def _splits(plan: dict, raw_dir: Path, out_dir: Path, log: Log) -> tuple[list[dict], bool]:
