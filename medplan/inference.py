@@ -5,12 +5,18 @@ architecture name, its options and the full plan (``config.json`` beside it is r
 checkpoint lacks one of them), so a copied ``RESULTS/DATASET/ARCH/`` folder predicts on any
 machine without the raw or preprocessed data.
 
+Each fold's network is built and run by the trainer its run records (config.json
+``trainer``, else the checkpoint's; :func:`recorded_trainer`), made through its constructor
+(:meth:`~medplan.trainers.base.Trainer.for_prediction`): a trainer or architecture that is not
+installed here is a one-line error, never a silent fall-back to the base trainer.
+
 Per image: the plan's preprocessing (:func:`medplan.preprocessing.prepare_image` then
 :func:`~medplan.preprocessing.normalize`), the network at the planned input size (through the
-architecture's trainer ``forward_logits`` so an internal resolution is respected), class
-probabilities (:func:`medplan.evaluation.metrics.logits_to_probs`: softmax, or ``[1-p, p]``
-for a BCE head) averaged over folds and test-time flips, bilinear interpolation of the
-probabilities to the original ``(H, W)``, then argmax. Averaging probabilities (not labels)
+trainer's ``forward_logits``, so an internal resolution is respected), class probabilities
+(:func:`medplan.evaluation.metrics.logits_to_probs`: softmax, or ``[1-p, p]`` for a BCE head)
+averaged over folds and test-time flips, then
+:func:`~medplan.evaluation.metrics.probabilities_to_labels` (the function validation uses):
+bilinear interpolation of the probabilities to the original ``(H, W)``, then argmax. Averaging probabilities (not labels)
 is what makes the fold ensemble better than majority voting on borderline pixels.
 """
 from __future__ import annotations
@@ -25,15 +31,27 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from medplan.architectures import is_model, list_models
 from medplan.errors import MedplanError
-from medplan.io import atomic_write_png, case_stem, is_image_file, read_image, read_json, to_uint8
+from medplan.evaluation.metrics import logits_to_probs, probabilities_to_labels
+from medplan.io import atomic_write_png, case_stem, is_image_file, read_image, to_uint8
 from medplan.names import check_fold
+from medplan.preprocessing import normalize, prepare_image, progress_bar
+from medplan.rundir import CHECKPOINTS, FOLD_PREFIX, RunDir, checkpoint_name, fold_dirs
+from medplan.trainers.base import Trainer, resolve_device
+from medplan.trainers.checkpoint import load_checkpoint
+from medplan.trainers.registry import get_trainer, list_trainers
 
-CHECKPOINTS = {"best": "checkpoint_best.pt", "final": "checkpoint_final.pt", "latest": "checkpoint_latest.pt"}
+__all__ = ["CHECKPOINTS", "FoldModel", "Predictor", "checkpoint_name", "list_images", "load_fold", "overlay_image",
+           "predict_folder", "recorded_trainer", "resolve_fold_dirs", "tta_flips"]
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
+#: medplan's own trainers whose recipe moved into the model cards (issue 12): runs that record
+#: them are served by the trainer now registered for their architecture (with the card's facts)
+RETIRED_TRAINERS = frozenset({"Internal224Trainer", "HiFormerTrainer", "MISSFormerTrainer", "InternImageTrainer",
+                              "TransNeXtTrainer", "SegFormerTrainer", "VWFormerMiTTrainer",
+                              "VWFormerConvNeXtTrainer"})
 #: plan keys every fold of an ensemble must share (they decide the input and the output)
 SHARED_PLAN_KEYS = ("input_size", "channels", "num_classes", "num_outputs", "loss", "normalization")
 
@@ -57,11 +75,8 @@ class FoldModel:
     model_options: dict
     internal_size: tuple[int, int] | None
     model: nn.Module
-
-
-def _fold_sort_key(name: str) -> tuple[int, Any]:
-    tail = name[len("fold_"):]
-    return (0, int(tail)) if tail.isdigit() else (1, tail)
+    #: ``forward(model, images) -> logits`` of the trainer the run records (its validation path)
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor] | None = None
 
 
 def resolve_fold_dirs(path: str | Path, folds: Sequence[int | str] | None = None,
@@ -75,65 +90,66 @@ def resolve_fold_dirs(path: str | Path, folds: Sequence[int | str] | None = None
     ckpt = checkpoint_name(checkpoint)
     if not path.is_dir():
         raise MedplanError("results folder not found", path)
-    if any((path / name).is_file() for name in CHECKPOINTS.values()) or path.name.startswith("fold_"):
+    here = RunDir(path)
+    if any(here.has_checkpoint(name) for name in CHECKPOINTS) or here.fold is not None:
         if folds:
             raise MedplanError("folds were given but the path is already one fold folder", path)
-        if not (path / ckpt).is_file():
+        if not here.has_checkpoint(ckpt):
             raise MedplanError(f"no {ckpt} in this fold folder (train it first, or use --checkpoint)", path)
         return [path]
     if folds:
-        dirs = [path / f"fold_{check_fold(f)}" for f in folds]
+        dirs = [path / f"{FOLD_PREFIX}{check_fold(f)}" for f in folds]
         for d in dirs:
-            if not (d / ckpt).is_file():
+            if not RunDir(d).has_checkpoint(ckpt):
                 raise MedplanError(f"fold has no {ckpt}" if d.is_dir() else "fold folder not found", d / ckpt)
         return dirs
-    present = sorted((d for d in path.iterdir() if d.is_dir() and d.name.startswith("fold_")),
-                     key=lambda d: _fold_sort_key(d.name))
-    trained = [d for d in present if (d / ckpt).is_file()]
-    numbered = [d for d in trained if d.name[len("fold_"):].isdigit()]
+    present = fold_dirs(path)
+    trained = [d for d in present if d.has_checkpoint(ckpt)]
+    numbered = [d.path for d in trained if (d.fold or "").isdigit()]
     if numbered:
         return numbered
     if trained:
-        return trained
-    what = f"no fold_K/{ckpt}" + (f" (fold folders: {', '.join(d.name for d in present)})" if present else "")
+        return [d.path for d in trained]
+    what = f"no {FOLD_PREFIX}K/{ckpt}" + (f" (fold folders: {', '.join(d.name for d in present)})" if present else "")
     raise MedplanError(f"{what}; not a trained results folder", path)
 
 
-def checkpoint_name(checkpoint: str) -> str:
-    if checkpoint in CHECKPOINTS:
-        return CHECKPOINTS[checkpoint]
-    if checkpoint in CHECKPOINTS.values():
-        return checkpoint
-    raise MedplanError(f"--checkpoint must be one of {', '.join(CHECKPOINTS)}, got {checkpoint!r}")
+def recorded_trainer(arch: str, recorded: Sequence[str | None], where: Path) -> type[Trainer]:
+    """The trainer class a run records (config.json: ``module.Class``; a checkpoint: ``Class``),
+    found among the registered ones and the base trainer; a run that records none (made before
+    medplan recorded it) gets the trainer registered for ``arch``, as training would. A recorded
+    trainer that is not installed here is an error naming the file."""
+    registered = get_trainer(arch)
+    names = [n for n in recorded if isinstance(n, str) and n]
+    if not names:
+        return registered
+    candidates = [registered, Trainer, *(get_trainer(name) for name in list_trainers())]
+    for name in names:
+        for cls in candidates:
+            qualname = cls.__qualname__
+            if name in (qualname, f"{cls.__module__}.{qualname}") or name.endswith(f".{qualname}"):
+                return cls
+    if any(name.rsplit(".", 1)[-1] in RETIRED_TRAINERS for name in names):
+        return registered
+    known = ", ".join(sorted({c.__qualname__ for c in candidates}))
+    raise MedplanError(f"was trained by trainer {names[0]!r}, which is not installed here (known: {known})", where)
 
 
-def _trainer_forward(arch: str, internal_size: tuple[int, int] | None) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
-    """The architecture's trainer ``forward_logits`` (internal resolution and the like), unbound
-    from a training run: the same code path as the trainer's validation."""
-    from medplan.trainers.base import Trainer
-
-    cls: type = Trainer
-    try:
-        from medplan.trainers.registry import get_trainer
-
-        cls = get_trainer(arch)
-    except Exception:  # a plug-in trainer missing on this machine: the shared protocol's forward
-        cls = Trainer
-    adapter = cls.__new__(cls)
-    adapter.internal_size = internal_size
-    return adapter.forward_logits
+def _registered_forward(arch: str, internal_size: tuple[int, int] | None) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+    """``forward_logits`` of ``arch``'s registered trainer at ``internal_size``: for a
+    :class:`FoldModel` made by hand without ``forward`` (:func:`load_fold` always sets it)."""
+    trainer = get_trainer(arch).for_prediction(".", arch=arch, plan={})
+    trainer.internal_size = internal_size
+    return trainer.forward_logits
 
 
 def load_fold(fold_dir: str | Path, checkpoint: str = "best", device: str | torch.device = "cpu") -> FoldModel:
-    """Build the fold's network and load its weights; MedplanError naming the file on any problem."""
-    from medplan.architectures import build_model
-    from medplan.trainers.checkpoint import load_checkpoint
-
-    fold_dir = Path(fold_dir)
-    ckpt_path = fold_dir / checkpoint_name(checkpoint)
+    """Build the fold's network through the trainer its run records and load its weights;
+    MedplanError naming the file on any problem."""
+    run = RunDir(fold_dir)
+    ckpt_path = run.checkpoint(checkpoint)
     state = load_checkpoint(ckpt_path, map_location="cpu")
-    config_path = fold_dir / "config.json"
-    config = read_json(config_path) if config_path.is_file() else {}
+    config = run.config()
     weights = next((state[k] for k in STATE_DICT_KEYS if isinstance(state.get(k), dict)), None)
     if weights is None:
         raise MedplanError(f"checkpoint holds no model weights (keys: {', '.join(sorted(state))})", ckpt_path)
@@ -141,38 +157,37 @@ def load_fold(fold_dir: str | Path, checkpoint: str = "best", device: str | torc
     plan = state.get("plan") or config.get("plan")
     if not arch or not isinstance(plan, dict):
         raise MedplanError("neither the checkpoint nor config.json names the architecture and the plan", ckpt_path)
+    if not is_model(arch):
+        raise MedplanError(f"records architecture {arch!r}, which is not installed here "
+                           f"(available: {', '.join(list_models())})", ckpt_path)
     missing = [k for k in SHARED_PLAN_KEYS if k not in plan]
     if missing:
         raise MedplanError(f"the run's plan lacks {', '.join(missing)}", ckpt_path)
+    trainer_cls = recorded_trainer(arch, [config.get("trainer"), state.get("trainer")], ckpt_path)
     options = dict(state.get("model_options") or config.get("model_options") or {})
     options["pretrained"] = False  # the checkpoint's weights replace them; never look for files
-    internal = config.get("internal_size", state.get("internal_size"))
-    if internal is None:
-        from medplan.trainers.registry import get_trainer
-
-        try:
-            internal = getattr(get_trainer(arch), "internal_size", None)
-        except Exception:
-            internal = None
-    internal_size = None if internal is None else (int(internal[0]), int(internal[1]))
-    model = build_model(arch, int(plan["channels"]), int(plan["num_outputs"]), **options)
+    trainer = trainer_cls.for_prediction(run.path, arch=arch, plan=plan, model_options=options,
+                                         dataset=str(state.get("dataset") or config.get("dataset") or ""),
+                                         fold=run.fold or "all", lr=state.get("lr") or config.get("lr"))
+    if "internal_size" in config:  # the size the run used, whatever the trainer's default
+        internal = config["internal_size"]
+        trainer.internal_size = None if internal is None else (int(internal[0]), int(internal[1]))
+    model = trainer.build_network()
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0]
         raise MedplanError(f"weights do not fit architecture {arch!r} ({first})", ckpt_path) from None
     model.to(device).eval()
-    return FoldModel(fold=fold_dir.name[len("fold_"):] if fold_dir.name.startswith("fold_") else fold_dir.name,
-                     checkpoint=ckpt_path, arch=arch, plan=plan, model_options=options,
-                     internal_size=internal_size, model=model)
+    return FoldModel(fold=run.fold if run.fold is not None else run.name, checkpoint=ckpt_path, arch=arch,
+                     plan=plan, model_options=trainer.model_options, internal_size=trainer.internal_size,
+                     model=model, forward=trainer.forward_logits)
 
 
 # ---------------------------------------------------------------------------- predictor
 def _resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
         return device
-    from medplan.trainers.base import resolve_device
-
     return resolve_device(device)
 
 
@@ -221,7 +236,7 @@ class Predictor:
         self.class_names = [n for n, _ in sorted(self.plan["labels"].items(), key=lambda kv: kv[1])]
         self.num_classes = int(self.plan["num_classes"])
         self.flips = tta_flips(self.plan, self.tta)
-        self._forwards = [_trainer_forward(f.arch, f.internal_size) for f in folds]
+        self._forwards = [f.forward or _registered_forward(f.arch, f.internal_size) for f in folds]
         self.amp_dtype = None
         if amp and self.device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -254,8 +269,6 @@ class Predictor:
         return to_uint8(array, (window["low"], window["high"]) if window else None)
 
     def _prepare(self, image: np.ndarray) -> np.ndarray:
-        from medplan.preprocessing import prepare_image
-
         return prepare_image(image, self.input_size, self.channels)
 
     # -- network
@@ -263,9 +276,6 @@ class Predictor:
     def probabilities_at_input_size(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) uint8 at the input size -> (B, K, h, w) float32 probabilities on the device,
         the mean over folds and flips."""
-        from medplan.evaluation.metrics import logits_to_probs
-        from medplan.preprocessing import normalize
-
         x = normalize(torch.as_tensor(np.asarray(batch)).to(self.device), self.plan)
         total = None
         for fold, forward in zip(self.folds, self._forwards):
@@ -284,11 +294,7 @@ class Predictor:
 
     def _finish(self, probs: torch.Tensor, size: tuple[int, int], return_probabilities: bool):
         """(K, h, w) probabilities -> label map (and probabilities) at ``size``."""
-        up = probs[None]
-        if tuple(up.shape[-2:]) != tuple(size):
-            up = F.interpolate(up, size=size, mode="bilinear", align_corners=False)
-        up = up[0]
-        labels = up.argmax(0).to(torch.uint8).cpu().numpy()
+        labels, up = probabilities_to_labels(probs, size)
         if return_probabilities:
             return labels, up.float().cpu().numpy()
         return labels
@@ -383,8 +389,6 @@ def predict_folder(model_dir: str | Path | Predictor, input_dir: str | Path, out
     bs = predictor.batch_size
     chunks = [files[i:i + bs] for i in range(0, len(files), bs)]
     try:
-        from medplan.preprocessing import progress_bar
-
         show = progress if progress is not None else True
         with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
             load = lambda paths: [predictor.load(p) for p in paths]  # noqa: E731

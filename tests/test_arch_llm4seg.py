@@ -32,8 +32,8 @@ def hf_folder(tmp_path_factory):
     return folder, {k: v.clone() for k, v in lm.model.layers[2].state_dict().items()}
 
 
-@pytest.mark.parametrize("in_channels,num_classes", [(1, 1), (3, 4)])
-def test_forward_backward_shapes(in_channels, num_classes):
+def test_only_the_adapters_learn_around_the_frozen_layer():
+    in_channels, num_classes = 3, 4
     torch.manual_seed(0)
     model = build_model("llm4seg", in_channels, num_classes, **small())
     x = torch.randn(2, in_channels, 36, 28)  # not multiples of 2**depth: padded and cropped back

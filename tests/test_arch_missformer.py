@@ -1,12 +1,13 @@
-"""MISSFormer: shapes, size, official key names, the bridge's bookkeeping, the 224x224 trainer."""
+"""MISSFormer: unused parameters, official key names, the bridge's bookkeeping, the 224x224 deviation
+(shapes, size, trainer step: tests/test_model_contract.py)."""
 import pytest
 import torch
 
-from medplan.architectures import build_model, count_parameters, list_models, model_info
+from medplan.architectures import build_model, count_parameters, model_deviations, model_info, model_internal_size
 from medplan.architectures.missformer import MISSFormer, _expand, _level_lengths
 from medplan.errors import MedplanError
-from medplan.trainers import TrainSettings, get_trainer
-from medplan.trainers.internal224 import MISSFormerTrainer
+from medplan.trainers import Trainer, get_trainer
+from model_fixtures import full_size
 
 # widths 8/16/40/64 keep the reference's ratios (1, 2, 5, 8) and head widths of 8
 TINY = {"dims": (8, 16, 40, 64), "layers": (1, 1, 1, 1)}
@@ -20,11 +21,9 @@ def tiny(in_channels=3, num_classes=2) -> MISSFormer:
     return build_model("missformer", in_channels, num_classes, **TINY)
 
 
-@pytest.mark.parametrize("in_channels,num_classes", [(1, 1), (3, 4)])
-def test_forward_backward_logits_at_input_size(in_channels, num_classes):
-    model = tiny(in_channels, num_classes)
-    y = model(torch.randn(2, in_channels, 64, 64))
-    assert y.shape == (2, num_classes, 64, 64)
+def test_unused_reference_parameters_get_no_gradient():
+    model = tiny(1, 1)
+    y = MISSFormer.forward(model, torch.randn(2, 1, 64, 64))  # natively at 64 (no 224 round trip)
     y.square().mean().backward()
     for p in (model.backbone.patch_embed1.proj.weight, model.backbone.block4[0].attn.kv.weight,
               model.bridge.bridge_layer1.attn.scale_reduce.sr0.weight, model.bridge.bridge_layer4.mixffn4.fc2.weight,
@@ -36,30 +35,27 @@ def test_forward_backward_logits_at_input_size(in_channels, num_classes):
     assert model.backbone.block1[0].mlp.norm2.weight.grad is None
 
 
-def test_sides_not_multiple_of_32_are_resized_inside_and_back():
+def test_runs_at_224_and_the_bare_module_at_multiples_of_32():
     model = tiny(1, 3).eval()
     seen = []
     model.backbone.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
     with torch.no_grad():
-        assert model(torch.randn(1, 1, 50, 70)).shape == (1, 3, 50, 70)
-        assert model(torch.randn(1, 1, 96, 64)).shape == (1, 3, 96, 64)
-    assert seen == [(64, 96), (96, 64)]  # next multiples of 32; non-square multiples run natively
+        assert model(torch.randn(1, 1, 50, 70)).shape == (1, 3, 50, 70)  # the card: the paper's 224x224
+        assert MISSFormer.forward(model, torch.randn(1, 1, 50, 70)).shape == (1, 3, 50, 70)
+        assert MISSFormer.forward(model, torch.randn(1, 1, 96, 64)).shape == (1, 3, 96, 64)
+    assert seen == [(224, 224), (64, 96), (96, 64)]  # next multiples of 32; non-square multiples run natively
 
 
-def test_full_size_parameter_count_matches_table_1():
-    assert "missformer" in list_models()
-    with torch.device("meta"):
-        model = build_model("missformer", 3, 9)
+def test_full_size_configuration():
+    model = full_size("missformer", 3, 9)
     total = count_parameters(model)["total"]
-    assert abs(total / 1e6 - 42.0) / 42.0 < 0.05, total
     assert round(total / 1e6, 2) == 42.46  # the reference built for Synapse's 9 classes
     assert [len(getattr(model.backbone, f"block{i}")) for i in range(1, 5)] == [2, 2, 2, 2]
     assert model_info("missformer")["pretrained"] is False  # trained from scratch, as the reference
 
 
 def test_state_dict_keys_are_the_official_names():
-    with torch.device("meta"):
-        state = build_model("missformer", 3, 9).state_dict()
+    state = full_size("missformer", 3, 9).state_dict()
     # keys and shapes of ZhifangDeng/MISSFormer's MISSFormer(num_classes=9)
     expected = {
         "backbone.patch_embed1.proj.weight": (64, 3, 7, 7),
@@ -124,20 +120,14 @@ def test_no_pretrained_weights_and_bad_options_are_errors():
     assert isinstance(build_model("missformer", 3, 2, pretrained=False, **TINY), MISSFormer)
     with pytest.raises(MedplanError, match="dims"):
         build_model("missformer", 3, 2, dims=(8, 12, 40, 64))
+    with pytest.raises(MedplanError, match="img_size"):
+        build_model("missformer", 3, 2, img_size=100)
 
 
-def test_trainer_runs_the_network_at_224_and_records_the_deviations(tmp_path):
-    assert get_trainer("missformer") is MISSFormerTrainer
-    plan = {"input_size": [32, 32], "epochs": {"cv": 1, "lr_search": 1}, "batch_size": 2}
-    trainer = MISSFormerTrainer("TOY", "missformer", 0, plan=plan, splits=[{"train": ["a", "b"], "val": ["c"]}],
-                                output_dir=tmp_path, settings=TrainSettings(), model_options=dict(TINY),
-                                lr=1e-4, lr_source="test")
-    assert trainer.internal_size == (224, 224) and trainer.find_unused_parameters
-    assert any("224x224 internally" in n and "(32x32)" in n and "MISSFormer" in n for n in trainer.notes)
-    assert any("from scratch" in n for n in trainer.notes)
-    model = tiny(1, 4).eval()
-    seen = []
-    model.backbone.register_forward_pre_hook(lambda m, args: seen.append(tuple(args[0].shape[-2:])))
-    with torch.no_grad():
-        logits = trainer.forward_logits(model, torch.randn(1, 1, 32, 32))
-    assert seen == [(224, 224)] and logits.shape == (1, 4, 32, 32)
+def test_the_224_deviation_is_a_card_fact():
+    assert get_trainer("missformer") is Trainer
+    notes = model_deviations("missformer", dict(TINY), (32, 32))
+    assert any("224x224 internally" in n and "(32x32)" in n and "MISSFormer" in n for n in notes)
+    assert model_internal_size("missformer", {}) == (224, 224)
+    assert model_internal_size("missformer", {"img_size": 64}) == (64, 64)
+    assert any("from scratch" in n for n in notes)

@@ -1,4 +1,5 @@
-"""nnunet_2d: planned topology, deep supervision, nnU-Net's Dice + CE/BCE loss, and its trainer."""
+"""nnunet_2d: planned topology, deep supervision, nnU-Net's Dice + CE/BCE loss, and its trainer
+(shapes at any size, state dict round trip, trainer step: tests/test_model_contract.py)."""
 import json
 import math
 
@@ -51,8 +52,8 @@ def test_topology_for_64_and_anisotropic_inputs():
     assert model_info("nnunet_2d")["pretrained"] is False
 
 
-@pytest.mark.parametrize("in_channels,num_classes", [(1, 1), (3, 4)])
-def test_deep_supervision_outputs_at_each_scale_and_backward(in_channels, num_classes):
+def test_deep_supervision_outputs_at_each_scale_and_backward():
+    in_channels, num_classes = 3, 4
     model = build_model("nnunet_2d", in_channels, num_classes, input_size=[64, 64], deep_supervision=True, **TINY)
     assert isinstance(model, PlainConvUNet)
     x = torch.randn(2, in_channels, 64, 64)
@@ -70,7 +71,8 @@ def test_eval_returns_one_tensor_at_input_size_even_for_odd_sizes():
         odd = model(torch.randn(1, 1, 60, 50))
     assert isinstance(out, torch.Tensor) and out.shape == (1, 3, 64, 64)
     assert odd.shape == (1, 3, 60, 50)
-    train_outs = model.train()(torch.randn(1, 1, 60, 50))  # cropped per scale: ceil(60/2^i) x ceil(50/2^i)
+    # padded to the total stride by the card's input contract, then cropped per scale: ceil(60/2^i) x ceil(50/2^i)
+    train_outs = model.train()(torch.randn(1, 1, 60, 50))
     assert [tuple(o.shape[-2:]) for o in train_outs] == [(math.ceil(60 / 2 ** i), math.ceil(50 / 2 ** i))
                                                          for i in range(4)]
 

@@ -1,14 +1,15 @@
-"""SegFormer-B3 (smp's MiT-B3 + all-MLP decoder): shapes, size, official key names, weight
-resolution (weights folder, Hugging Face cache, errors), the authors' parameter groups and the
-training command's weight flags."""
+"""SegFormer-B3 (smp's MiT-B3 + all-MLP decoder): configuration, official key names, weight
+resolution (weights folder, Hugging Face cache), the authors' parameter groups (model card) and the
+training command's weight flags (shapes, size, weights errors, trainer step: tests/test_model_contract.py)."""
 from pathlib import Path
 
 import pytest
 import torch
 
-from medplan.architectures import build_model, count_parameters, list_models
+from medplan.architectures import build_model, model_parameter_groups
 from medplan.architectures.segformer import build_mit
 from medplan.errors import MedplanError
+from model_fixtures import full_size
 
 TINY = {"embed_dims": [8, 16, 32, 32], "depths": [1, 1, 2, 1], "num_heads": [1, 1, 2, 2], "decoder_channels": 16}
 TINY_MIT = {k: v for k, v in TINY.items() if k != "decoder_channels"}
@@ -28,27 +29,8 @@ def no_weights(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------ model
-@pytest.mark.parametrize("in_channels,num_classes", [(1, 1), (3, 4)])
-def test_forward_backward_logits_at_input_size(in_channels, num_classes):
-    torch.manual_seed(0)
-    model = build_model("segformer_b3", in_channels, num_classes, pretrained=False, **TINY)
-    y = model(torch.randn(2, in_channels, 64, 64))
-    assert y.shape == (2, num_classes, 64, 64)
-    y.square().mean().backward()
-    for p in (model.encoder.patch_embed1.proj.weight, model.decoder.mlp_stage[0].linear.weight,
-              model.segmentation_head[1].weight):
-        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
-    model.eval()
-    with torch.no_grad():
-        assert model(torch.randn(1, in_channels, 37, 50)).shape == (1, num_classes, 37, 50)
-
-
-def test_full_size_parameter_count_matches_table_1():
-    assert "segformer_b3" in list_models()
-    with torch.device("meta"):
-        model = build_model("segformer_b3", 3, 2, pretrained=False)
-    total = count_parameters(model)["total"]
-    assert abs(total / 1e6 - 47.0) / 47.0 < 0.05, total  # 47.22M
+def test_full_size_configuration():
+    model = full_size("segformer_b3")
     assert model.decoder.fuse_stage[0].weight.shape == (768, 4 * 768, 1, 1)  # the 768-channel head
     assert model.encoder.block4[-1].drop_path.drop_prob == pytest.approx(0.1)  # reference drop path 0.1
     assert [len(getattr(model.encoder, f"block{i}")) for i in range(1, 5)] == [3, 4, 18, 3]
@@ -128,30 +110,20 @@ def test_weights_from_a_filled_hugging_face_cache(no_weights):
     assert build_model("segformer_b3", 3, 2, pretrained=True, **TINY).pretrained_report["n_loaded"] > 0
 
 
-def test_missing_or_partial_weights_are_errors(no_weights):
+def test_missing_weights_name_the_hugging_face_repo_too(no_weights):
     with pytest.raises(MedplanError, match=r"mit_b3\.pth.*NVlabs/SegFormer.*--no-pretrained.*smp-hub/mit_b3"):
         build_model("segformer_b3", 3, 2, pretrained=True, **TINY)
-    with pytest.raises(MedplanError, match="not found"):
-        build_model("segformer_b3", 3, 2, pretrained=str(no_weights / "nope.pth"), **TINY)
-    src = _official_mit(no_weights / "full.pth")
-    torch.save({k: v for k, v in src.state_dict().items() if not k.startswith("block4.")}, no_weights / "part.pth")
-    with pytest.raises(MedplanError, match="part of the model"):
-        build_model("segformer_b3", 3, 2, pretrained=str(no_weights / "part.pth"), **TINY)
-    model = build_model("segformer_b3", 3, 2, pretrained=str(no_weights / "part.pth"), allow_partial=True, **TINY)
-    missing = model.pretrained_report["missing"]
-    assert missing and all(k.startswith("block4.") for k in missing)
     with pytest.raises(MedplanError, match="num_heads"):
         build_model("segformer_b3", 3, 2, embed_dims=[8, 16, 32, 32], num_heads=[1, 2, 5, 8])
 
 
-# ------------------------------------------------------------------ trainer
+# ------------------------------------------------------------------ parameter groups (model card)
 def test_parameter_groups_head_lr_x10_and_no_decay_on_norms():
-    from medplan.trainers import get_trainer
-    from medplan.trainers.segformer import SegFormerTrainer, custom_keys_groups
+    from medplan.trainers import Trainer, get_trainer
 
-    assert get_trainer("segformer_b3") is SegFormerTrainer
+    assert get_trainer("segformer_b3") is Trainer  # the groups are a model card fact
     model = build_model("segformer_b3", 3, 2, pretrained=False, **TINY)
-    groups = custom_keys_groups(model, 1e-4, backbone_prefixes=("encoder.",))
+    groups = model_parameter_groups("segformer_b3", model, 1e-4)
     names = {id(p): n for n, p in model.named_parameters()}
     by_name = {g["name"]: [names[id(p)] for p in g["params"]] for g in groups}
     assert groups[0]["lr"] == 1e-4 and groups[0]["name"] == "decay"  # the logged LR is the base LR

@@ -1,13 +1,15 @@
-"""Swin-UMamba: shapes, size, the four-direction scan, official VMamba-T key names, the authors' trainer."""
+"""Swin-UMamba: deep supervision, the four-direction scan, official VMamba-T key names, the authors'
+trainer (shapes, size, weights errors, trainer step: tests/test_model_contract.py)."""
 import json
 
 import pytest
 import torch
 
-from medplan.architectures import build_model, count_flops, count_parameters, model_info
+from medplan.architectures import build_model, count_flops
 from medplan.architectures import swin_umamba as sum_mod
 from medplan.architectures.selective_scan import selective_scan_reference
 from medplan.errors import MedplanError
+from model_fixtures import full_size
 from trainer_fixtures import FAST, limit_threads, make_dataset, use_roots
 
 limit_threads()
@@ -20,33 +22,23 @@ def tiny(in_channels=3, num_classes=1, **kw):
     return build_model("swin_umamba", in_channels, num_classes, **{**TINY, **kw})
 
 
-@pytest.mark.parametrize("in_channels,num_classes", [(1, 1), (3, 4)])
-def test_forward_backward_gives_logits_at_input_size(in_channels, num_classes):
-    model = tiny(in_channels, num_classes)
-    x = torch.randn(2, in_channels, 64, 64)
-    out = model(x)
-    assert out.shape == (2, num_classes, 64, 64) and torch.isfinite(out).all()
-    out.mean().backward()
+def test_every_parameter_gets_a_gradient():
+    model = tiny(1, 1)
+    model(torch.randn(2, 1, 64, 64)).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} got no gradient"
 
 
-def test_sides_that_are_not_multiples_of_32_are_padded_and_cropped():
-    model = tiny(1, 2).eval()
-    assert model(torch.randn(1, 1, 50, 70)).shape == (1, 2, 50, 70)
-
-
 def test_deep_supervision_returns_four_heads_full_resolution_first():
-    outs = tiny(3, 2, deep_supervision=True)(torch.randn(1, 3, 64, 64))
+    model = tiny(3, 2, deep_supervision=True)
+    outs = model(torch.randn(1, 3, 64, 64))
     assert [tuple(o.shape[-2:]) for o in outs] == [(64, 64), (32, 32), (16, 16), (8, 8)]
+    outs = model(torch.randn(1, 3, 50, 70))  # padded to 64 x 96; each head cropped to its share
+    assert [tuple(o.shape[-2:]) for o in outs] == [(50, 70), (25, 35), (13, 18), (7, 9)]
 
 
-def test_full_size_matches_table_1():
-    with torch.device("meta"):
-        model = build_model("swin_umamba", 3, 2, pretrained=False)
-    total = count_parameters(model)["total"]
-    assert model_info("swin_umamba")["paper_params_m"] == 60.0
-    assert abs(total / 1e6 - 60.0) / 60.0 < 0.05, total
+def test_full_size_encoder():
+    model = full_size("swin_umamba")
     encoder = sum(p.numel() for p in model.vssm_encoder.parameters())
     assert 21e6 < encoder < 23e6  # VMamba-T without its classifier
     assert count_flops(model, 3, (64, 64), "meta") > 0  # the scan runs on the meta device too
@@ -117,10 +109,7 @@ def test_official_vmamba_checkpoint_loads_into_the_encoder(tmp_path, in_channels
     assert model(torch.randn(1, in_channels, 64, 64)).shape == (1, 2, 64, 64)
 
 
-def test_missing_or_incomplete_weights_are_clear_errors(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDPLAN_WEIGHTS", str(tmp_path))
-    with pytest.raises(MedplanError, match=sum_mod.WEIGHTS_FILE):
-        tiny(pretrained=True)
+def test_incomplete_official_weights_are_clear_errors(tmp_path):
     path = tmp_path / "partial.pth"
     state = _official_checkpoint(tiny().vssm_encoder, path)
     torch.save({"model": {k: v for k, v in state.items() if not k.startswith("layers.3.")}}, path)
@@ -141,7 +130,24 @@ def test_freeze_encoder_keeps_the_patch_embedding_trainable():
     assert all(p.requires_grad for p in model.parameters())
 
 
-@pytest.mark.parametrize("pretrained", [True, False])
+def test_no_warm_up_from_scratch(tmp_path):
+    from medplan.trainers import TrainSettings
+    from medplan.trainers import swin_umamba as trainer_mod
+
+    plan = {"epochs": {"cv": 2, "lr_search": 1}, "batch_size": 2, "channels": 1, "num_outputs": 1,
+            "input_size": [32, 32], "optimizer": {"name": "AdamW", "weight_decay": 0.01, "betas": [0.9, 0.999]}}
+    trainer = trainer_mod.SwinUMambaTrainer("TOY", "swin_umamba", 0, plan=plan,
+                                            splits=[{"train": ["a", "b"], "val": ["c"]}], output_dir=tmp_path,
+                                            settings=TrainSettings(device="cpu"), model_options=dict(TINY),
+                                            lr=1e-3, lr_source="test")
+    optimizer = trainer.configure_optimizers(trainer.build_network())
+    assert [(g["weight_decay"], g["eps"]) for g in optimizer.param_groups] == [(0.05, 1e-5)]
+    assert not trainer.encoder_frozen(1) and not trainer.find_unused_parameters
+    assert any("no frozen-encoder warm-up" in d for d in trainer.notes)
+    assert any("weight_decay 0.05" in d for d in trainer.notes)
+
+
+@pytest.mark.parametrize("pretrained", [True])
 def test_trainer_uses_the_authors_optimizer_and_warm_up(tmp_path, monkeypatch, pretrained):
     from medplan.trainers import swin_umamba as trainer_mod  # registers the trainer
     from medplan.trainers import get_trainer, train

@@ -1,12 +1,13 @@
 """TransNeXt-Tiny + UPerHead: sliding-window ops and attention against direct loops, official
-key names, weights, trainer."""
+key names, weights, the card's parameter groups (shapes, size, weights errors, trainer step:
+tests/test_model_contract.py)."""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from medplan.architectures import build_model, count_parameters, list_models
+from medplan.architectures import build_model, count_parameters, model_deviations, model_parameter_groups
 from medplan.architectures.transnext import (
     AggregatedAttention,
     Attention,
@@ -18,6 +19,7 @@ from medplan.architectures.transnext import (
     swattention_available,
 )
 from medplan.errors import MedplanError
+from model_fixtures import full_size
 
 TINY = {"embed_dims": [16, 32, 64, 128], "num_heads": [1, 2, 4, 8], "depths": [1, 1, 2, 1], "decoder_channels": 32}
 
@@ -264,23 +266,19 @@ def test_last_stage_attention_matches_a_dense_loop():
 
 
 # ------------------------------------------------------------------ model
-@pytest.mark.parametrize("in_channels,num_classes", [(1, 1), (3, 4)])
-def test_forward_backward_logits_at_input_size(in_channels, num_classes):
+def test_attention_parameters_learn_and_size_tables_are_rebuilt_per_size():
     torch.manual_seed(0)
-    model = build_model("transnext_t", in_channels, num_classes, pretrained=False, **TINY)
-    y = model(torch.randn(2, in_channels, 64, 64))
-    assert y.shape == (2, num_classes, 64, 64)
-    y.square().mean().backward()
+    model = build_model("transnext_t", 1, 1, pretrained=False, **TINY)
+    model(torch.randn(2, 1, 64, 64)).square().mean().backward()
     bb = model.backbone
-    for p in (bb.patch_embed1.proj.weight, bb.block1[0].attn.learnable_tokens, bb.block1[0].attn.cpb_fc1.weight,
+    for p in (bb.block1[0].attn.learnable_tokens, bb.block1[0].attn.cpb_fc1.weight,
               bb.block2[0].attn.relative_pos_bias_local, bb.block4[0].attn.query_embedding):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
     model.eval()
-    with torch.no_grad():  # any size; tables are rebuilt per size and cached
-        odd = model(torch.randn(1, in_channels, 37, 50))
-        assert odd.shape == (1, num_classes, 37, 50) and torch.isfinite(odd).all()
-        x = torch.randn(1, in_channels, 48, 32)
-        fresh = build_model("transnext_t", in_channels, num_classes, pretrained=False, **TINY).eval()
+    with torch.no_grad():  # tables are rebuilt per size and cached: a fresh model agrees after sizes changed
+        model(torch.randn(1, 1, 37, 50))
+        x = torch.randn(1, 1, 48, 32)
+        fresh = build_model("transnext_t", 1, 1, pretrained=False, **TINY).eval()
         fresh.load_state_dict(model.state_dict())
         assert torch.allclose(model(x), fresh(x), atol=1e-5)
 
@@ -295,12 +293,8 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     assert torch.allclose(grads[0], grads[1], atol=1e-5)
 
 
-def test_full_size_parameter_count_and_config_match_the_paper():
-    assert "transnext_t" in list_models()
-    with torch.device("meta"):
-        model = build_model("transnext_t", 3, 2, pretrained=False)
-    total = count_parameters(model)["total"]
-    assert abs(total / 1e6 - 58.0) / 58.0 < 0.05, total  # 57.74M: backbone 27.68M + UPerHead 30.06M
+def test_full_size_config_matches_the_paper():
+    model = full_size("transnext_t")
     # the TransNeXt paper's 28.2M for Tiny includes the 576 -> 1000 classifier
     assert abs((count_parameters(model.backbone)["total"] + 577_000) / 1e6 - 28.2) < 0.1
     bb = model.backbone
@@ -385,30 +379,13 @@ def test_loads_an_official_style_checkpoint_with_gray_stem(tmp_path, monkeypatch
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 2, 32, 32)
 
 
-def test_missing_or_partial_weights_are_errors(tmp_path, monkeypatch):
-    monkeypatch.setenv("MEDPLAN_WEIGHTS", str(tmp_path))
-    with pytest.raises(MedplanError, match="transnext_tiny_224_1k.pth.*huggingface.co/DaiShiResearch"):
-        build_model("transnext_t", 3, 2, pretrained=True, **TINY)
-    full = _official_checkpoint(tmp_path / "full.pth")
-    torch.save({k: v for k, v in full.items() if not k.startswith("block4.")}, tmp_path / "partial.pth")
-    with pytest.raises(MedplanError, match="part of the model"):
-        build_model("transnext_t", 3, 2, pretrained=str(tmp_path / "partial.pth"), **TINY)
-    model = build_model("transnext_t", 3, 2, pretrained=str(tmp_path / "partial.pth"), allow_partial=True, **TINY)
-    missing = model.pretrained_report["missing"]
-    assert missing and all(k.startswith("block4.") for k in missing)
+# ------------------------------------------------------------------ parameter groups (model card)
+def test_card_exempts_the_authors_keys_from_weight_decay():
+    from medplan.trainers import Trainer, get_trainer
 
-
-# ------------------------------------------------------------------ trainer
-def test_trainer_exempts_the_authors_keys_from_weight_decay(tmp_path, monkeypatch):
-    from trainer_fixtures import FAST, make_dataset, use_roots
-
-    from medplan.io import read_json
-    from medplan.trainers import get_trainer, train
-    from medplan.trainers.transnext import WEIGHT_DECAY_DEVIATION, TransNeXtTrainer
-
-    assert get_trainer("transnext_t") is TransNeXtTrainer
+    assert get_trainer("transnext_t") is Trainer  # the groups are a model card fact
     model = build_model("transnext_t", 3, 2, pretrained=False, **TINY)
-    decay, no_decay = TransNeXtTrainer.parameter_groups(object.__new__(TransNeXtTrainer), model)
+    decay, no_decay = model_parameter_groups("transnext_t", model, 1e-4)
     names = {id(p): n for n, p in model.named_parameters()}
     assert no_decay["weight_decay"] == 0.0 and "weight_decay" not in decay  # the plan's value for the rest
     assert len(decay["params"]) + len(no_decay["params"]) == len(names)
@@ -421,10 +398,4 @@ def test_trainer_exempts_the_authors_keys_from_weight_decay(tmp_path, monkeypatc
     # as in mmcv's custom_keys: biases, the dynamic local bias and the head's BatchNorm keep weight decay
     assert {"backbone.block1.0.attn.learnable_tokens", "backbone.block1.0.attn.learnable_bias",
             "backbone.block1.0.attn.q.bias", "decode_head.bottleneck.bn.weight"} <= kept
-
-    use_roots(monkeypatch, tmp_path)
-    make_dataset(tmp_path, n_cases=6, n_folds=3, batch_size=2, epochs={"lr_search": 1, "cv": 1})
-    out = train("TOY", "transnext_t", 0, overrides=FAST, model_options={**TINY, "pretrained": False})
-    cfg = read_json(out / "config.json")
-    assert cfg["trainer"].endswith("TransNeXtTrainer") and WEIGHT_DECAY_DEVIATION in cfg["deviations"]
-    assert (out / "validation" / "summary.json").is_file()
+    assert any("custom_keys, decay_mult=0" in d for d in model_deviations("transnext_t"))

@@ -1,10 +1,11 @@
-"""U-KAN-L: shapes, size, KANLinear against a direct B-spline evaluation, official key names."""
+"""U-KAN-L: gradients everywhere, KANLinear against a direct B-spline evaluation, official key names
+(shapes, size, trainer step: tests/test_model_contract.py)."""
 import math
 
 import pytest
 import torch
 
-from medplan.architectures import build_model, count_parameters, get_entry, model_info
+from medplan.architectures import build_model, count_parameters
 from medplan.architectures.ukan import KANLinear
 from medplan.errors import MedplanError
 from trainer_fixtures import limit_threads
@@ -19,29 +20,17 @@ def tiny(in_channels=3, num_classes=1, **kw):
     return build_model("ukan_l", in_channels, num_classes, **{**TINY, **kw})
 
 
-@pytest.mark.parametrize("in_channels,num_classes", [(1, 1), (3, 4)])
-def test_forward_backward_gives_logits_at_input_size(in_channels, num_classes):
-    model = tiny(in_channels, num_classes)
-    out = model(torch.randn(2, in_channels, 64, 64))
-    assert out.shape == (2, num_classes, 64, 64) and torch.isfinite(out).all()
-    out.mean().backward()
+def test_every_parameter_gets_a_gradient():
+    model = tiny(1, 1)
+    model(torch.randn(2, 1, 64, 64)).mean().backward()
     for name, p in model.named_parameters():
         assert p.grad is not None, f"{name} got no gradient"
 
 
-def test_sides_that_are_not_multiples_of_32_are_padded_and_cropped():
-    assert tiny(1, 2).eval()(torch.randn(1, 1, 50, 70)).shape == (1, 2, 50, 70)
-
-
-def test_full_size_matches_table_1_and_has_no_pretrained_weights():
+def test_u_kan_base_size_and_no_pretrained_weights():
     with torch.device("meta"):
-        large = build_model("ukan_l", 3, 2, pretrained=False)
         base = build_model("ukan_l", 3, 1, embed_dims=(128, 160, 256))
-    total = count_parameters(large)["total"]
-    assert model_info("ukan_l")["paper_params_m"] == 25.0
-    assert abs(total / 1e6 - 25.0) / 25.0 < 0.05, total
     assert abs(count_parameters(base)["total"] / 1e6 - 6.35) < 0.05  # U-KAN (paper: 6.35M)
-    assert get_entry("ukan_l").pretrained is False
     with pytest.raises(MedplanError, match="no pretrained weights"):
         build_model("ukan_l", 3, 2, pretrained=True)
 

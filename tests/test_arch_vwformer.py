@@ -1,15 +1,17 @@
-"""VWFormer on MiT-B3 and ConvNeXt-S: shapes, sizes, the reference's head names, varying-window
-attention against slow direct loops, ConvNeXt checkpoints in three key layouts, the trainers."""
+"""VWFormer on MiT-B3 and ConvNeXt-S: configuration, the reference's head names, varying-window
+attention against slow direct loops, ConvNeXt checkpoints in three key layouts, the cards' parameter
+groups (shapes, size, weights errors, trainer step: tests/test_model_contract.py)."""
 import math
 
 import pytest
 import torch
 
-from medplan.architectures import build_model, count_parameters, list_models
+from medplan.architectures import build_model, count_parameters, model_parameter_groups
 from medplan.architectures.segformer import build_mit
 from medplan.architectures.vwformer import (
     VWA, ConvNeXtBackbone, fold_neighbourhoods, from_windows, to_windows, varying_context_windows,
 )
+from model_fixtures import full_size
 
 TINY_HEAD = {"channels": 64}
 TINY = {
@@ -23,33 +25,23 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 # ------------------------------------------------------------------ model
 @pytest.mark.parametrize("arch", sorted(TINY))
-@pytest.mark.parametrize("in_channels,num_classes,size", [(1, 1, 64), (3, 4, 128)])
-def test_forward_backward_logits_at_input_size(arch, in_channels, num_classes, size):
+def test_the_context_path_learns_once_its_zero_initialised_norm_is_set(arch):
     torch.manual_seed(0)
-    model = build_model(arch, in_channels, num_classes, pretrained=False, **TINY[arch])
+    model = build_model(arch, 3, 2, pretrained=False, **TINY[arch])
     for attn in model.decode_head.attn:  # NonLocal2d's zero-initialised output norm (zeros_init=True) ...
         assert attn.conv_out.bn.weight.eq(0).all()
         torch.nn.init.constant_(attn.conv_out.bn.weight, 0.5)  # ... would hide the context path's gradient
-    y = model(torch.randn(2, in_channels, size, size))
-    assert y.shape == (2, num_classes, size, size)
-    y.square().mean().backward()
+    model(torch.randn(2, 3, 64, 64)).square().mean().backward()
     head = model.decode_head
     for p in (next(model.backbone.parameters()), head.attn[2].conv_out.bn.weight, head.ds[1].conv.weight,
               head.image_pool[1].conv.weight, head.linear_c1.proj.weight, head.conv_seg.weight):
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
-    model.eval()
-    with torch.no_grad():  # not a multiple of 64: padded for the 8 x 8 windows, cropped back
-        assert model(torch.randn(1, in_channels, 37, 50)).shape == (1, num_classes, 37, 50)
+    assert model.input_contract.multiple == (64, 64)  # the 8 x 8 query windows on the stride-8 map
 
 
-@pytest.mark.parametrize("arch,paper,backbone", [("vwformer_mit_b3", 51.0, 44.07),
-                                                 ("vwformer_convnext_s", 57.0, 49.46)])
-def test_full_size_parameter_count_matches_table_1(arch, paper, backbone):
-    assert arch in list_models()
-    with torch.device("meta"):
-        model = build_model(arch, 3, 2, pretrained=False)
-    total = count_parameters(model)["total"]
-    assert abs(total / 1e6 - paper) / paper < 0.05, total  # 51.42M / 57.00M
+@pytest.mark.parametrize("arch,backbone", [("vwformer_mit_b3", 44.07), ("vwformer_convnext_s", 49.46)])
+def test_full_size_configuration(arch, backbone):
+    model = full_size(arch)
     assert count_parameters(model.backbone)["total"] / 1e6 == pytest.approx(backbone, abs=0.01)
     head = model.decode_head
     assert head.channels == 512 and head.short_cut and all(a.head == 1 for a in head.attn)  # the paper's choice
@@ -226,16 +218,13 @@ def test_missing_convnext_weights_name_file_and_sources(tmp_path, monkeypatch):
         build_model("vwformer_convnext_s", 3, 2, pretrained=True, **TINY["vwformer_convnext_s"])
 
 
-# ------------------------------------------------------------------ trainers
-def test_trainers_parameter_groups():
-    from medplan.trainers import get_trainer
-    from medplan.trainers.segformer import VWFormerConvNeXtTrainer, VWFormerMiTTrainer, custom_keys_groups, \
-        stage_wise_groups
+# ------------------------------------------------------------------ parameter groups (model cards)
+def test_cards_parameter_groups():
+    from medplan.trainers import Trainer, get_trainer
 
-    assert get_trainer("vwformer_convnext_s") is VWFormerConvNeXtTrainer
-    assert get_trainer("vwformer_mit_b3") is VWFormerMiTTrainer
+    assert get_trainer("vwformer_convnext_s") is Trainer and get_trainer("vwformer_mit_b3") is Trainer
     model = build_model("vwformer_convnext_s", 3, 2, pretrained=False, **TINY["vwformer_convnext_s"])
-    groups = stage_wise_groups(model, 1.0)
+    groups = model_parameter_groups("vwformer_convnext_s", model, 1.0)
     lr_of = {n: g["lr"] for g in groups for n, p in model.named_parameters() if any(p is q for q in g["params"])}
     wd_of = {n: g.get("weight_decay") for g in groups for n, p in model.named_parameters()
              if any(p is q for q in g["params"])}
@@ -249,5 +238,5 @@ def test_trainers_parameter_groups():
     assert wd_of["backbone.stages.1.blocks.0.gamma"] == 0.0 and wd_of["decode_head.cat.conv.weight"] is None
     assert wd_of["decode_head.attn.0.g.conv.bias"] == 0.0
     mit = build_model("vwformer_mit_b3", 3, 2, pretrained=False, **TINY["vwformer_mit_b3"])
-    head = next(g for g in custom_keys_groups(mit, 1.0, backbone_prefixes=("backbone.",)) if g["name"] == "head")
+    head = next(g for g in model_parameter_groups("vwformer_mit_b3", mit, 1.0) if g["name"] == "head")
     assert head["lr"] == 10.0 and len(head["params"]) == len(list(mit.decode_head.parameters()))

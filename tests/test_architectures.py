@@ -26,19 +26,6 @@ from medplan.errors import MedplanError
 PAPER_UNET = 31.0e6
 
 
-@pytest.mark.parametrize("in_channels,num_classes", [(1, 1), (3, 4)])
-@pytest.mark.parametrize("size", [(64, 64), (50, 70)])
-def test_unet_forward_backward_any_size(in_channels, num_classes, size):
-    torch.manual_seed(0)
-    model = build_model("unet", in_channels, num_classes, base_channels=8, depth=3)
-    x = torch.randn(2, in_channels, *size)
-    y = model(x)
-    assert y.shape == (2, num_classes, *size)
-    y.float().pow(2).mean().backward()
-    first = model.inc[0].weight
-    assert first.grad is not None and torch.isfinite(first.grad).all() and first.grad.abs().sum() > 0
-
-
 def test_unet_small_odd_size_pads_bottom_right_and_crops():
     torch.manual_seed(0)
     model = build_model("unet_small", 3, 2).eval()
@@ -47,22 +34,28 @@ def test_unet_small_odd_size_pads_bottom_right_and_crops():
         y = model(x)
         # same as zero-padding to a multiple of 16 (48x48) by hand and cropping the logits
         padded = model(torch.nn.functional.pad(x, (0, 1, 0, 15)))
-    assert y.shape == (1, 2, 33, 47)
+    assert y.shape == (1, 2, 33, 47) and model.input_contract.multiple == (16, 16)
     torch.testing.assert_close(y, padded[..., :33, :47])
 
 
-@pytest.mark.parametrize("in_channels", [1, 3])
-def test_full_unet_matches_paper_size(in_channels):
-    for num_classes in (1, 2, 3, 4):
-        with torch.device("meta"):  # no memory, no forward: just the parameter shapes
-            model = build_model("unet", in_channels, num_classes)
-        counts = count_parameters(model)
-        assert abs(counts["total"] - PAPER_UNET) / PAPER_UNET < 0.05, counts
-        assert counts["trainable"] == counts["total"] and counts["frozen"] == 0
+def test_input_contract_keeps_the_module_and_its_keys():
+    """build_model binds the contract to forward: same class, same state-dict keys, no wrapper."""
+    model = build_model("unet", 1, 2, base_channels=4, depth=2)
+    bare = UNet(1, 2, base_channels=4, depth=2)
+    assert type(model) is UNet and list(model.state_dict()) == list(bare.state_dict())
+    copy = __import__("copy").deepcopy(model)
+    assert copy(torch.zeros(1, 1, 5, 7)).shape == (1, 2, 5, 7)  # the copy's forward is bound to the copy
     info = model_info("unet")
     assert info["paper_params_m"] == 31.0 and info["source"] == "medplan"
     assert info["module"] == "medplan.architectures.unet"
     assert info["options"] == {"base_channels": 64, "depth": 4}
+    assert model_info("segformer_b3")["weights"] == ["mit_b3.pth"]
+    assert model_info("hiformer_b")["internal_size"] == (224, 224)
+
+
+def test_build_model_takes_num_outputs():
+    assert build_model("unet_small", 1, num_outputs=3, depth=1)(torch.zeros(1, 1, 4, 4)).shape == (1, 3, 4, 4)
+    assert build_model("unet_small", 1, num_classes=3, depth=1)(torch.zeros(1, 1, 4, 4)).shape == (1, 3, 4, 4)
 
 
 def test_count_parameters_frozen_and_flops():
@@ -74,14 +67,14 @@ def test_count_parameters_frozen_and_flops():
 
 
 def test_registry_errors_are_medplan_errors():
-    with pytest.raises(MedplanError, match="unknown architecture 'unet_tiny'.*unet_small"):
+    with pytest.raises(MedplanError, match=r"unknown architecture 'unet_tiny' \(did you mean .*unet_small"):
         build_model("unet_tiny", 3, 1)
     with pytest.raises(MedplanError, match="'unet' has no option 'widht'"):
         build_model("unet", 3, 1, widht=4)
     with pytest.raises(MedplanError, match="no pretrained weights"):
         build_model("unet_small", 3, 1, pretrained=True)
     assert isinstance(build_model("unet_small", 3, 1, pretrained=False, depth=2), nn.Module)
-    with pytest.raises(MedplanError, match="num_classes"):
+    with pytest.raises(MedplanError, match="num_outputs"):
         build_model("unet_small", 3, 0)
     with pytest.raises(MedplanError, match="depth"):
         build_model("unet_small", 3, 1, depth=0)
@@ -105,11 +98,9 @@ class _FakeEntryPoint:
 
 
 @pytest.fixture
-def clean_registry(monkeypatch):
-    registry._import_builtins()
-    monkeypatch.setattr(registry, "_ENTRIES", dict(registry._ENTRIES))
-    monkeypatch.setattr(registry, "_plugins_loaded", False)
-    return monkeypatch
+def clean_registry():
+    with registry.MODELS.sandbox():
+        yield
 
 
 def test_entry_point_plugins(clean_registry, monkeypatch):
@@ -149,7 +140,7 @@ def test_entry_point_plugins(clean_registry, monkeypatch):
         names = list_models()
     messages = " ".join(str(w.message) for w in record)
     assert "'broken'" in messages and "missing_pkg" in messages  # the broken one is named, not fatal
-    assert "evil-plugin" in messages  # a plug-in cannot replace a built-in
+    assert "evil-plugin" in messages and "cannot replace a built-in" in messages
     assert {"tiny_net", "zoo_net", "unet", "unet_small"} <= set(names)
     assert "broken" not in names
 
@@ -164,8 +155,17 @@ def test_entry_point_plugins(clean_registry, monkeypatch):
     assert isinstance(build_model("unet", 1, 1, base_channels=4, depth=1), UNet)  # still the built-in
 
 
+def test_a_second_registration_of_a_name_is_an_error(clean_registry):
+    with pytest.raises(MedplanError, match="'unet' is already registered"):
+        register_model("unet")(lambda in_channels, num_classes: nn.Identity())
+    before = len(list_models())
+    register_model("unet")(registry.get_entry("unet").builder)  # the very same builder: nothing happens
+    assert len(list_models()) == before
+
+
 def test_medplan_models_json(capsys):
-    assert models_main(["--json", "--in-channels", "1", "--num-classes", "4"]) == 0
+    # every model's size against the paper: tests/test_model_contract.py
+    assert models_main(["--json", "--in-channels", "1", "--num-classes", "4", "unet", "unet_small"]) == 0
     rows = json.loads(capsys.readouterr().out)
     by_name = {r["name"]: r for r in rows}
     unet = by_name["unet"]

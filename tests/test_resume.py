@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from medplan.trainers import Trainer, train
-from medplan.trainers import base as trainer_base
+from medplan.trainers import checkpointer as trainer_checkpointer
 from medplan.trainers.checkpoint import load_checkpoint
 from trainer_fixtures import FAST, TINY_MODEL, limit_threads, make_dataset, use_roots
 
@@ -74,7 +74,7 @@ def test_resume_after_an_epoch_reproduces_the_uninterrupted_run(toy, reference, 
 
 
 def test_kill_between_metrics_and_checkpoint_leaves_no_duplicate_epoch(toy, reference, monkeypatch):
-    real_save = trainer_base.save_checkpoint
+    real_save = trainer_checkpointer.save_checkpoint
 
     def save_or_die(path, state):
         if path.name == "checkpoint_latest.pt" and state["epoch"] == 2:
@@ -82,11 +82,11 @@ def test_kill_between_metrics_and_checkpoint_leaves_no_duplicate_epoch(toy, refe
         real_save(path, state)
 
     out = toy / "interrupted"
-    monkeypatch.setattr(trainer_base, "save_checkpoint", save_or_die)
+    monkeypatch.setattr(trainer_checkpointer, "save_checkpoint", save_or_die)
     with pytest.raises(Killed):
         run(out)
     assert [r["epoch"] for r in comparable(out)] == [1, 2]
-    monkeypatch.setattr(trainer_base, "save_checkpoint", real_save)
+    monkeypatch.setattr(trainer_checkpointer, "save_checkpoint", real_save)
     run(out, continue_training=True)
     assert [r["epoch"] for r in comparable(out)] == [1, 2, 3]
     assert_same_run(reference, out)

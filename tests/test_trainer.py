@@ -1,4 +1,5 @@
 """The base trainer end to end on a tiny synthetic dataset (CPU, seconds)."""
+import importlib.metadata
 import json
 
 import numpy as np
@@ -145,7 +146,8 @@ def test_fold_all_trains_without_validation_and_forced_rerun(toy):
 
 
 def test_registered_trainer_overrides_hooks_and_records_deviations(toy, monkeypatch):
-    monkeypatch.setattr(trainer_registry, "_TRAINERS", dict(trainer_registry._TRAINERS))
+    trainer_registry.TRAINERS.load_plugins()  # built-ins first: only this test's registration is undone
+    monkeypatch.setattr(trainer_registry.TRAINERS, "_entries", dict(trainer_registry.TRAINERS._entries))
     calls = []
 
     @register_trainer("unet_small")
@@ -169,18 +171,21 @@ def test_registered_trainer_overrides_hooks_and_records_deviations(toy, monkeypa
 
 
 def test_trainers_register_through_entry_points(monkeypatch):
-    class EP:
-        name, value = "ep_arch", "somewhere:Thing"
+    class EP:  # a plug-in trainer for a registered architecture (see tests/test_registry.py for the rules)
+        name, value = "unet_small", "somewhere:Thing"
 
         def load(self):
             class EntryPointTrainer(Trainer):
                 pass
             return EntryPointTrainer
 
-    monkeypatch.setattr(trainer_registry, "_TRAINERS", dict(trainer_registry._TRAINERS))
-    monkeypatch.setattr(trainer_registry, "_entry_points_loaded", False)
-    monkeypatch.setattr(trainer_registry, "entry_points", lambda group: [EP()] if group == "medplan.trainers" else [])
-    assert get_trainer("ep_arch").__name__ == "EntryPointTrainer"
+    registry = trainer_registry.TRAINERS
+    registry.load_plugins()  # the built-ins and the real plug-ins first; then the fake entry point
+    monkeypatch.setattr(registry, "_entries", dict(registry._entries))
+    monkeypatch.setattr(registry, "_plugins_loaded", False)
+    monkeypatch.setattr(importlib.metadata, "entry_points",
+                        lambda group=None, **kw: [EP()] if group == "medplan.trainers" else [])
+    assert get_trainer("unet_small").__name__ == "EntryPointTrainer"
     with pytest.raises(TypeError):
         register_trainer("bad")(object)
 

@@ -24,10 +24,10 @@ convolution.
 Choices, all documented against the reference:
 
 - **Fixed 224x224 resolution.** The position embeddings have one entry per token of a 224x224 input
-  (``img_size``), as in the reference; the benchmark paper ran HiFormer at 224 internally
-  (``medplan.trainers.internal224``). The module itself accepts any input size: a differently sized
-  input is resized bilinearly to ``img_size`` inside ``forward`` and the logits are resized back, so
-  prediction works on any image.
+  (``img_size``), as in the reference; the benchmark paper ran HiFormer at 224 internally. The
+  model card's input contract (``internal_size = img_size``, applied by ``build_model``) resizes
+  any input bilinearly to ``img_size`` and the logits back, so training and prediction work on any
+  image size; ``config.json`` records the deviation and ``internal_size``.
 - **What reaches the output.** As in the reference (checked numerically against it): the decoder drops
   the CLS tokens (``x[:, 1:]``) and the DLF stage changes only the CLS tokens, so with HiFormer-B's
   single DLF stage the cross-attention path (``projs``, ``fusion``, ``revert_projs``, and the CLS
@@ -35,7 +35,7 @@ Choices, all documented against the reference:
   final LayerNorms. The reference's ``MultiScaleBlock`` also builds one transformer ``Block`` per level
   (``blocks``) whose output its ``forward`` discards (``outs_b``); their parameters are kept (official
   keys; Table 1's 26M counts them) and the discarded computation is skipped (same outputs, less time).
-  They get no gradient at all, so the trainer runs DDP with ``find_unused_parameters``.
+  They get no gradient at all, so the card asks the trainer to run DDP with ``find_unused_parameters``.
 - **ImageNet weights really used.** The reference loads ``swin_tiny_patch4_window7_224.pth`` in
   ``PyramidFeatures.__init__`` and then ``All2Cross.__init__`` calls ``self.apply(_init_weights)`` over
   the whole subtree, which re-initialises every Swin ``Linear`` and ``LayerNorm`` (only the relative
@@ -56,25 +56,20 @@ that folder; ``pretrained=FILE``: a whole HiFormer checkpoint with the official 
 """
 from __future__ import annotations
 
-import logging
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Sequence
 
 import timm
 import torch
-import torch.nn.functional as F
 from timm.layers import DropPath, trunc_normal_
 from timm.models.swin_transformer import PatchMerging, SwinTransformerStage
 from timm.models.vision_transformer import Block, Mlp
 from torch import nn
 
-from medplan.architectures.pretrained import load_weights, read_state_dict, resolve_weights, weights_dir
+from medplan.architectures.card import InputContract, ModelCard, Weights, WeightsFile
 from medplan.architectures.registry import register_model
 from medplan.errors import MedplanError
-
-log = logging.getLogger(__name__)
 
 SWIN_T_FILENAME = "swin_tiny_patch4_window7_224.pth"
 SWIN_T_URL = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/swin_tiny_patch4_window7_224.pth"
@@ -371,26 +366,22 @@ class HiFormer(nn.Module):
         self.segmentation_head = SegmentationHead(in_channels=16, out_channels=num_classes, kernel_size=3)
         self.conv_pred = nn.Sequential(
             nn.Conv2d(128, 16, kernel_size=1, stride=1, padding=0, bias=True),
-            nn.ReLU(inplace=True),
-            nn.Upsample(scale_factor=cfg.patch_size, mode="bilinear", align_corners=False),
+            nn.ReLU(inplace=True), nn.Upsample(scale_factor=cfg.patch_size, mode="bilinear", align_corners=False),
         )
         self.pretrained_report: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = tuple(x.shape[-2:])
-        fixed = (self.img_size, self.img_size)
-        if size != fixed:
-            x = F.interpolate(x, size=fixed, mode="bilinear", align_corners=False)
+        """Logits for an ``img_size`` x ``img_size`` input (the input contract resizes any other)."""
+        if tuple(x.shape[-2:]) != (self.img_size, self.img_size):
+            raise MedplanError(f"hiformer_b runs at {self.img_size}x{self.img_size}, got {tuple(x.shape[-2:])}; "
+                               "build it with build_model, whose input contract resizes")
         xs = self.All2Cross(x)
         maps = []
         for i, tokens in enumerate(xs):
             side = self.img_size // self.patch_size[i]
             embed = tokens[:, 1:].transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
             maps.append(self.ConvUp_l(embed) if i == 0 else self.ConvUp_s(embed))
-        out = self.segmentation_head(self.conv_pred(maps[0] + maps[1]))
-        if size != fixed:
-            out = F.interpolate(out, size=size, mode="bilinear", align_corners=False)
-        return out
+        return self.segmentation_head(self.conv_pred(maps[0] + maps[1]))
 
 
 # ------------------------------------------------------------------------------------- weights
@@ -435,61 +426,40 @@ def reinit_swin_like_reference(model: HiFormer) -> None:
         module.apply(_init_weights)
 
 
-@dataclass
-class HiFormerWeights:
-    """Where a HiFormer's weights come from: a whole checkpoint, or ImageNet Swin-T + ResNet files."""
-
-    checkpoint: Path | None = None
-    swin: Path | None = None
-    resnet: Path | None = None
+#: HiFormer's own layers: no ImageNet counterpart
+NEW_LAYERS = (r"^p\d_ch\.", r"^norm_\d\.")
+HIFORMER_URL = "https://github.com/amirhossein-kz/HiFormer (a trained HiFormer-B checkpoint, official keys)"
 
 
-def resolve_hiformer_weights(pretrained: bool | str | Path | None, cnn_backbone: str = "resnet50",
-                             name: str = "hiformer_b") -> HiFormerWeights | None:
-    """The files to load (checked before the model is built), or None for ``pretrained=False``."""
-    if pretrained is None or pretrained is False:
-        return None
-    if pretrained is not True and Path(pretrained).expanduser().is_file():
-        return HiFormerWeights(checkpoint=Path(pretrained).expanduser())
-    folder = weights_dir() if pretrained is True else Path(pretrained).expanduser()
-    if pretrained is not True and not folder.is_dir():
-        raise MedplanError(f"pretrained weights for {name} not found: give a folder holding {SWIN_T_FILENAME} and "
-                           "a torchvision ResNet file, or a HiFormer checkpoint file", folder)
-    if cnn_backbone not in RESNET_FILES:
-        raise MedplanError(f"{name}: no documented ImageNet weights for cnn_backbone {cnn_backbone!r} "
+def hiformer_files(options) -> tuple[WeightsFile, ...]:
+    """ImageNet Swin-T and the chosen torchvision ResNet, both into the CNN/Swin pyramid."""
+    backbone = options.get("cnn_backbone", "resnet50")
+    if backbone not in RESNET_FILES:
+        raise MedplanError(f"hiformer_b: no documented ImageNet weights for cnn_backbone {backbone!r} "
                            f"(known: {', '.join(RESNET_FILES)})")
-    resnet_file, resnet_url = RESNET_FILES[cnn_backbone]
-
-    def resolve(filename: str, url: str) -> Path:
-        found = resolve_weights(True if pretrained is True else folder / filename, filename, url=url, model=name)
-        assert found is not None
-        return found
-
-    return HiFormerWeights(swin=resolve(SWIN_T_FILENAME, SWIN_T_URL), resnet=resolve(resnet_file, resnet_url))
+    resnet_file, resnet_url = RESNET_FILES[backbone]
+    return (WeightsFile(SWIN_T_FILENAME, SWIN_T_URL, target="All2Cross.pyramid", part="swin", key_map_for=swin_key_map,
+                        ignore_missing=(r"^resnet_layers\.", *NEW_LAYERS)),
+            WeightsFile(resnet_file, resnet_url, target="All2Cross.pyramid", part="resnet", key_map=resnet_key_map,
+                        ignore_missing=(r"^swin_transformer\.", r"^p\d_pm\.", *NEW_LAYERS)))
 
 
-def load_hiformer_weights(model: HiFormer, weights: HiFormerWeights | None, *, allow_partial: bool = False,
-                          name: str = "hiformer_b") -> dict | None:
-    """Load a whole HiFormer checkpoint, or ImageNet Swin-T + ResNet weights into the pyramid; keep the report."""
-    if weights is None:
-        return None
-    if weights.checkpoint is not None:
-        report = load_weights(model, weights.checkpoint, allow_partial=allow_partial)
-        log.info("%s: %s", name, report.summary())
-        model.pretrained_report = {"hiformer": report.as_dict()}
-        return model.pretrained_report
-    assert weights.swin is not None and weights.resnet is not None
-    pyramid = model.All2Cross.pyramid
-    new_layers = [r"^p\d_ch\.", r"^norm_\d\."]  # HiFormer's own layers: no ImageNet counterpart
-    swin_report = load_weights(pyramid, weights.swin, key_map=swin_key_map(list(read_state_dict(weights.swin))),
-                               ignore_missing=[r"^resnet_layers\.", *new_layers], allow_partial=allow_partial)
-    resnet_report = load_weights(pyramid, weights.resnet, key_map=resnet_key_map,
-                                 ignore_missing=[r"^swin_transformer\.", r"^p\d_pm\.", *new_layers],
-                                 allow_partial=allow_partial)
-    log.info("%s Swin: %s", name, swin_report.summary())
-    log.info("%s ResNet: %s", name, resnet_report.summary())
-    model.pretrained_report = {"swin": swin_report.as_dict(), "resnet": resnet_report.as_dict()}
-    return model.pretrained_report
+def after_weights(model: HiFormer) -> None:
+    """``reference_reinit=True``: re-initialise the loaded Swin weights as the reference does."""
+    if model.reference_reinit:
+        reinit_swin_like_reference(model)
+
+
+HIFORMER_B = ModelCard(
+    paper_params_m=26.0,
+    # pretrained=True / a folder: Swin-T + ResNet files; pretrained=FILE: a whole HiFormer checkpoint
+    weights=Weights(hiformer_files, single_file=WeightsFile("", HIFORMER_URL, part="hiformer")),
+    input=InputContract(internal_size=lambda options: options.get("img_size", INTERNAL_SIZE), label="HiFormer"),
+    find_unused_parameters=True,  # DLF blocks built (official keys) but unused in forward
+    after_weights=after_weights,
+    test_options={"img_size": 64, "embed_dim": 16, "swin_heads": (1, 2, 4), "dlf_heads": (2, 4), "window_size": 4,
+                  "cnn_backbone": "resnet18"},
+)
 
 
 # ------------------------------------------------------------------------------------- builder
@@ -499,16 +469,16 @@ def _positive(value, what: str) -> int:
     return value
 
 
-@register_model("hiformer_b", description="HiFormer-B (WACV'23): Swin-T + ResNet-50 pyramids fused by DLF "
-                "cross-attention; runs at 224x224", paper_params_m=26.0, pretrained=True, family="hybrid",
-                internal_size=[INTERNAL_SIZE, INTERNAL_SIZE])
-def hiformer_b(in_channels: int, num_classes: int, *, pretrained: bool | str = False, allow_partial: bool = False,
-               img_size: int = INTERNAL_SIZE, cnn_backbone: str = "resnet50", embed_dim: int = 96,
-               swin_heads: Sequence[int] = (3, 6, 12), dlf_heads: Sequence[int] = (6, 12), window_size: int = 7,
-               reference_reinit: bool = False) -> HiFormer:
+@register_model("hiformer_b", card=HIFORMER_B, family="hybrid",
+                description="HiFormer-B (WACV'23): Swin-T + ResNet-50 pyramids fused by DLF cross-attention; runs at "
+                "224x224")
+def hiformer_b(in_channels: int, num_classes: int, *, img_size: int = INTERNAL_SIZE, cnn_backbone: str = "resnet50",
+               embed_dim: int = 96, swin_heads: Sequence[int] = (3, 6, 12), dlf_heads: Sequence[int] = (6, 12),
+               window_size: int = 7, reference_reinit: bool = False) -> HiFormer:
     """HiFormer-B as ``get_hiformer_b_configs``. ``embed_dim``/``*_heads``/``cnn_backbone``/``window_size``
     exist for tiny test models (the ImageNet weights fit only the defaults); ``img_size`` is the fixed
-    internal resolution (a multiple of 16 whose feature sizes fit the window)."""
+    internal resolution (a multiple of 16 whose feature sizes fit the window); ``reference_reinit``
+    re-initialises the loaded Swin weights as the reference does (after the weights step)."""
     _positive(img_size, "img_size")
     _positive(embed_dim, "embed_dim")
     _positive(window_size, "window_size")
@@ -530,14 +500,10 @@ def hiformer_b(in_channels: int, num_classes: int, *, pretrained: bool | str = F
         if side > window_size and side % window_size:
             raise MedplanError(f"hiformer_b: img_size {img_size} gives a {side}x{side} Swin stage that the window "
                                f"{window_size} does not tile (use a multiple of {4 * 4 * window_size}, e.g. 224)")
-    weights = resolve_hiformer_weights(pretrained, cnn_backbone)  # a missing file fails before the build
     model = HiFormer(cfg, in_channels, num_classes)
-    load_hiformer_weights(model, weights, allow_partial=allow_partial)
-    if reference_reinit:
-        reinit_swin_like_reference(model)
+    model.reference_reinit = bool(reference_reinit)
     return model
 
 
-__all__ = ["HiFormer", "HiFormerConfig", "HiFormerWeights", "hiformer_b", "resolve_hiformer_weights",
-           "load_hiformer_weights", "reinit_swin_like_reference", "swin_key_map", "resnet_key_map",
-           "SWIN_T_FILENAME", "RESNET_FILES", "INTERNAL_SIZE"]
+__all__ = ["HiFormer", "HiFormerConfig", "HIFORMER_B", "hiformer_b", "hiformer_files", "reinit_swin_like_reference",
+           "swin_key_map", "resnet_key_map", "SWIN_T_FILENAME", "RESNET_FILES", "INTERNAL_SIZE"]

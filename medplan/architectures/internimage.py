@@ -18,10 +18,17 @@ UPerHead (:mod:`medplan.architectures.uperhead`, 512 channels); the head predict
 the logits are resized bilinearly to the input. The auxiliary FCN head of the training config
 is not built (see the uperhead module). Total: 58.37M parameters with a 2-class head
 (backbone 28.77M, head 29.60M; Table 1 of the benchmark paper: 58M).
+
+Optimizer groups (the model card): the authors' segmentation config builds the AdamW groups
+with ``CustomLayerDecayOptimizerConstructor`` and ``layer_decay_rate=1.0``: no layer-wise
+learning-rate decay (every group keeps the base LR), but no weight decay for one-dimensional
+tensors, biases and normalisation parameters (LayerNorm/BatchNorm weights, layer-scale
+``gamma``). That exemption is the only optimizer difference kept; the LR, its schedule, the
+weight decay of the other tensors and everything else follow the plan. Drop path 0.2, also from
+that config, is the builder's default.
 """
 from __future__ import annotations
 
-import logging
 from typing import Sequence
 
 import torch
@@ -31,11 +38,9 @@ from torch import nn
 
 from medplan.architectures.dcnv3 import DCNv3, build_norm_layer
 from medplan.architectures._init import init_weights
-from medplan.architectures.pretrained import load_weights, resolve_weights
+from medplan.architectures.card import ModelCard, ParamGroups, Weights, WeightsFile
 from medplan.architectures.registry import register_model
 from medplan.architectures.uperhead import BackboneUPerNet
-
-log = logging.getLogger(__name__)
 
 INTERNIMAGE_T_FILENAME = "internimage_t_1k_224.pth"
 INTERNIMAGE_T_URL = "https://huggingface.co/OpenGVLab/InternImage/resolve/main/internimage_t_1k_224.pth"
@@ -194,11 +199,30 @@ class InternImageUPerNet(BackboneUPerNet):
     """InternImage backbone + UPerHead; logits at the input resolution."""
 
 
-@register_model("internimage_t", description="InternImage-T (DCNv3) + UPerHead (Wang et al., CVPR 2023)",
-                paper_params_m=58.0, pretrained=True, family="cnn")
-def internimage_t(in_channels: int, num_classes: int, *, pretrained: bool | str = False, allow_partial: bool = False,
-                  channels: int = 64, depths: Sequence[int] = (4, 4, 18, 4), groups: Sequence[int] = (4, 8, 16, 32),
-                  mlp_ratio: float = 4.0, drop_path_rate: float = 0.2, layer_scale: float | None = 1.0,
+WEIGHT_DECAY_DEVIATION = ("no weight decay on biases, normalisation and layer-scale parameters (1-D tensors), as "
+                          "the authors' CustomLayerDecayOptimizerConstructor (layer_decay_rate=1.0: no layer-wise "
+                          "LR decay); other tensors use the plan's weight decay")
+
+
+def no_weight_decay(name: str, param: torch.Tensor) -> bool:
+    """The reference constructor's rule: 1-D tensors, biases and anything named ``norm``."""
+    return param.ndim <= 1 or name.endswith(".bias") or "norm" in name
+
+
+INTERNIMAGE_T = ModelCard(
+    paper_params_m=58.0,
+    weights=Weights((WeightsFile(INTERNIMAGE_T_FILENAME, INTERNIMAGE_T_URL, target="backbone",
+                                 ignore_missing=LAYER_SCALE_KEYS),)),
+    param_groups=ParamGroups(no_weight_decay=no_weight_decay), deviations=(WEIGHT_DECAY_DEVIATION,),
+    test_options={"channels": 8, "depths": [1, 1, 1, 1], "groups": [1, 2, 4, 8], "decoder_channels": 16},
+)
+
+
+@register_model("internimage_t", card=INTERNIMAGE_T, family="cnn",
+                description="InternImage-T (DCNv3) + UPerHead (Wang et al., CVPR 2023)")
+def internimage_t(in_channels: int, num_classes: int, *, channels: int = 64, depths: Sequence[int] = (4, 4, 18, 4),
+                  groups: Sequence[int] = (4, 8, 16, 32), mlp_ratio: float = 4.0, drop_path_rate: float = 0.2,
+                  layer_scale: float | None = 1.0,
                   offset_scale: float = 1.0, decoder_channels: int = 512, with_cp: bool = False,
                   core: str = "auto") -> nn.Module:
     """InternImage-T + UPerHead as in the authors' ADE20K config; ImageNet-1k weights ``internimage_t_1k_224.pth``.
@@ -209,10 +233,4 @@ def internimage_t(in_channels: int, num_classes: int, *, pretrained: bool | str 
     """
     backbone = InternImage(in_channels, channels, depths, groups, mlp_ratio=mlp_ratio, drop_path_rate=drop_path_rate,
                            layer_scale=layer_scale, offset_scale=offset_scale, with_cp=with_cp, core=core)
-    model = InternImageUPerNet(backbone, num_classes, decoder_channels)
-    path = resolve_weights(pretrained, INTERNIMAGE_T_FILENAME, url=INTERNIMAGE_T_URL, model="internimage_t")
-    if path is not None:
-        report = load_weights(model.backbone, path, ignore_missing=LAYER_SCALE_KEYS, allow_partial=allow_partial)
-        log.info("internimage_t backbone: %s", report.summary())
-        model.pretrained_report = report.as_dict()
-    return model
+    return InternImageUPerNet(backbone, num_classes, decoder_channels)

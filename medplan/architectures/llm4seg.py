@@ -37,8 +37,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from medplan.architectures.card import ModelCard, Weights
 from medplan.architectures.registry import register_model
-from medplan.architectures.unet import UNet
+from medplan.architectures.unet import UNET_INPUT, UNet
 from medplan.errors import MedplanError
 
 log = logging.getLogger(__name__)
@@ -193,8 +194,19 @@ class LLM4SegUNet(UNet):
         return self.llm4seg(y)
 
 
-@register_model("llm4seg", description="LLM4Seg: U-Net + frozen LLaMA-3.2-1B layer 15 at the bottleneck",
-                paper_params_m=None, pretrained=True, family="hybrid", trainable_extra_m=4.19)
+LLM4SEG = ModelCard(
+    # a Hugging Face folder that also shapes the layer: the builder reads it (pretrained=/allow_partial)
+    weights=Weights(by_builder=True, folder=LLM_FOLDER),
+    input=UNET_INPUT,
+    test_options={"base_channels": 4, "depth": 2, "layer_index": 0,
+                  "llm_config": {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2,
+                                 "num_key_value_heads": 1, "num_hidden_layers": 1, "vocab_size": 64,
+                                 "max_position_embeddings": 512}},
+)
+
+
+@register_model("llm4seg", card=LLM4SEG, family="hybrid", trainable_extra_m=4.19,
+                description="LLM4Seg: U-Net + frozen LLaMA-3.2-1B layer 15 at the bottleneck")
 def llm4seg(in_channels: int, num_classes: int, *, llm_path: str | None = None, layer_index: int = DEFAULT_LAYER,
             llm_config: dict | None = None, base_channels: int = 64, depth: int = 4, causal: bool = False,
             residual: bool = False, pretrained: bool | str = False, allow_partial: bool = False) -> nn.Module:

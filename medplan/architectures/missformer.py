@@ -21,7 +21,8 @@ the reference's at 224x224 (checked against its code).
 Size: 42.46M parameters for 2 output channels (Table 1: 42M). The count includes parameters the
 reference builds but never uses, kept for its checkpoint keys: ``MixFFN_skip.norm2``/``norm3`` and, in
 ``decoder_3`` (called without a skip), ``concat_linear`` and both ``layer_former`` blocks (6.9M; 7.0M
-unused in all). They get no gradient, so the trainer runs DDP with ``find_unused_parameters``.
+unused in all). They get no gradient, so the card asks the trainer to run DDP with
+``find_unused_parameters``.
 
 No pretrained weights: the reference trains MISSFormer from scratch (its ``encoder_pretrained`` argument
 is never used and ``train.py`` loads nothing), so the model is registered with ``pretrained=False``.
@@ -29,9 +30,10 @@ is never used and ``train.py`` loads nothing), so the model is registered with `
 Resolution: the reference hard-codes a 224x224 input (token offsets 3136/4704/5684/6076 and a 7x7
 decoder start); here every offset follows the input's feature sizes, so any input whose sides are
 multiples of 32 runs natively; other sizes are resized bilinearly up to the next multiple of 32 inside
-``forward`` and the logits resized back. The benchmark paper ran MISSFormer at 224x224 internally
-(``medplan.trainers.internal224``). The gray-to-RGB ``repeat`` of the reference is replaced by a first
-patch embedding with ``in_channels`` inputs (the same for a from-scratch model).
+``forward`` and the logits resized back. The benchmark paper ran MISSFormer at 224x224 internally:
+the model card's input contract (applied by ``build_model``) resizes every input to ``img_size``
+(default 224) and the logits back, and ``config.json`` records the deviation. The gray-to-RGB ``repeat`` of the reference is
+replaced by a first patch embedding with ``in_channels`` inputs (the same for a from-scratch model).
 """
 from __future__ import annotations
 
@@ -42,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from medplan.architectures.card import InputContract, ModelCard
 from medplan.architectures.registry import register_model
 from medplan.errors import MedplanError
 
@@ -380,13 +383,28 @@ def _ints(value: Sequence[int], what: str) -> list[int]:
     return out
 
 
-@register_model("missformer", description="MISSFormer (IEEE TMI'23): enhanced transformer blocks with ReMix-FFN "
-                "and enhanced transformer context bridge; from scratch, runs at 224x224", paper_params_m=42.0,
-                pretrained=False, family="transformer", internal_size=[INTERNAL_SIZE, INTERNAL_SIZE])
+MISSFORMER = ModelCard(
+    paper_params_m=42.0,
+    input=InputContract(internal_size=lambda options: options.get("img_size", INTERNAL_SIZE), label="MISSFormer"),
+    deviations=("no ImageNet weights: MISSFormer's reference implementation trains from scratch "
+                "(no pretrained checkpoint is published)",),
+    find_unused_parameters=True,  # decoder_3 fusion blocks and spare FFN norms: built, never used
+    test_options={"dims": (8, 16, 40, 64), "layers": (1, 1, 1, 1), "img_size": 64},
+)
+
+
+@register_model("missformer", card=MISSFORMER, family="transformer",
+                description="MISSFormer (IEEE TMI'23): enhanced transformer blocks with ReMix-FFN and enhanced "
+                "transformer context bridge; from scratch, runs at 224x224")
 def missformer(in_channels: int, num_classes: int, *, dims: Sequence[int] = (64, 128, 320, 512),
-               layers: Sequence[int] = (2, 2, 2, 2), heads: Sequence[int] = (1, 2, 5, 8)) -> MISSFormer:
+               layers: Sequence[int] = (2, 2, 2, 2), heads: Sequence[int] = (1, 2, 5, 8),
+               img_size: int = INTERNAL_SIZE) -> MISSFormer:
     """MISSFormer as in the reference; ``dims``/``layers``/``heads`` exist for tiny test models (every width
-    a multiple of the first, every head count dividing its width)."""
+    a multiple of the first, every head count dividing its width). ``img_size`` is the resolution the
+    network runs at (the card's input contract resizes there and back; the reference's and the
+    benchmark's 224, a multiple of 32 to run natively)."""
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < STRIDE or img_size % STRIDE:
+        raise MedplanError(f"missformer: img_size must be a positive multiple of {STRIDE}, got {img_size!r}")
     dims, layers, heads = _ints(dims, "dims"), _ints(layers, "layers"), _ints(heads, "heads")
     if any(d % dims[0] for d in dims) or any(d % h for d, h in zip(dims, heads)) or any(d % 2 for d in dims):
         raise MedplanError(f"missformer: dims {dims} must be even multiples of dims[0] and divisible by heads {heads}")

@@ -19,9 +19,9 @@ import math
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from medplan.architectures.card import InputContract, ModelCard
 from medplan.architectures.registry import register_model
 from medplan.errors import MedplanError
 
@@ -154,8 +154,9 @@ class UNetDecoder(nn.Module):
 
 
 class PlainConvUNet(nn.Module):
-    """nnU-Net's plain-conv U-Net. Inputs of any size are zero-padded to a multiple of the total
-    stride and the outputs cropped back (nnU-Net instead plans a divisible patch size)."""
+    """nnU-Net's plain-conv U-Net, for sides that are multiples of the total stride (the card's
+    input contract zero-pads other sizes and crops every output back; nnU-Net instead plans a
+    divisible patch size)."""
 
     def __init__(self, input_channels: int, num_classes: int, features_per_stage: Sequence[int],
                  kernel_sizes: Sequence[Sequence[int]], strides: Sequence[Sequence[int]],
@@ -178,15 +179,8 @@ class PlainConvUNet(nn.Module):
         return scales
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        h, w = x.shape[-2:]
-        ph, pw = (-h) % self.total_stride[0], (-w) % self.total_stride[1]
-        if ph or pw:
-            x = F.pad(x, (0, pw, 0, ph))
         ds = self.deep_supervision and self.training
         outputs = self.decoder(self.encoder(x), deep_supervision=ds)
-        if ph or pw:
-            outputs = [o[..., :math.ceil(h / sh), :math.ceil(w / sw)]
-                       for o, (sh, sw) in zip(outputs, self.output_scales())]
         return outputs if ds else outputs[0]
 
 
@@ -207,8 +201,12 @@ def _input_size(value: object) -> tuple[int, int]:
     return int(value[0]), int(value[1])
 
 
-@register_model("nnunet_2d", description="nnU-Net's planned 2D PlainConvUNet (topology from the plan's input size)",
-                paper_params_m=None, pretrained=False, family="cnn")
+NNUNET_2D = ModelCard(input=InputContract(pad_to_multiple=lambda model: model.total_stride),
+                      test_options={"features_base": 4, "max_features": 16, "input_size": (64, 64)})
+
+
+@register_model("nnunet_2d", card=NNUNET_2D, family="cnn",
+                description="nnU-Net's planned 2D PlainConvUNet (topology from the plan's input size)")
 def nnunet_2d(in_channels: int, num_classes: int, *, input_size: Sequence[int] | int = (512, 512),
               deep_supervision: bool = False, features_base: int = 32, max_features: int = 512,
               n_conv: int = 2) -> PlainConvUNet:

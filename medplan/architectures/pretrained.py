@@ -12,24 +12,31 @@ A missing file is an error that names the expected file, the folder searched and
 weights are published — never a silent fall-back to random weights. Loading reports the keys
 that matched, were missing and were unexpected; loading less than the whole target (the
 encoder) is an error unless ``allow_partial=True`` (``--allow-partial``).
+
+Every architecture declares its files in its model card (:class:`medplan.architectures.card.Weights`);
+:func:`resolve_card_weights` and :func:`load_card_weights` are the one resolve -> load -> report
+path that ``build_model`` runs for all of them.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import torch
 from torch import nn
 
+from medplan.architectures.card import HUB_FILES, STRIP_PREFIXES, Weights, WeightsFile
 from medplan.errors import MedplanError
 from medplan.paths import DEFAULT_ROOT
 
+log = logging.getLogger(__name__)
+
 WRAPPER_KEYS = ("state_dict", "model", "module", "model_state", "network_weights")
-STRIP_PREFIXES = ("module.", "backbone.", "encoder.")
 
 
 def weights_dir() -> Path:
@@ -66,6 +73,8 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:  # data only: a pickle that names any callable is refused before it runs
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
+        # error path only; against the layer order (architectures below trainers) until the
+        # safe-loading explanation moves down next to medplan.io (issue 12)
         from medplan.trainers.checkpoint import unsafe_reason
 
         raise MedplanError(f"not a weights file or not safe to load ({unsafe_reason(path, exc)}); "
@@ -152,3 +161,94 @@ def load_weights(module: nn.Module, path: str | Path, *, key_map: Callable[[str]
                            "check the file or pass --allow-partial", path)
     module.load_state_dict(usable, strict=False)
     return report
+
+
+# ----------------------------------------------------------------------------- model cards
+def hub_cache_file(repo_id: str, filenames: Iterable[str] = HUB_FILES) -> Path | None:
+    """A file of ``repo_id`` already in the local Hugging Face cache (never downloads): the ``main``
+    snapshot, else any snapshot (smp downloads a pinned revision, which leaves no ``main`` ref)."""
+    try:
+        from huggingface_hub import constants, try_to_load_from_cache
+    except ImportError:  # pragma: no cover - huggingface_hub comes with timm
+        return None
+    cache_dir = Path(os.environ.get("HF_HUB_CACHE") or (
+        Path(os.environ["HF_HOME"]) / "hub" if os.environ.get("HF_HOME") else constants.HF_HUB_CACHE))
+    filenames = list(filenames)
+    for name in filenames:
+        found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
+        if isinstance(found, str) and Path(found).is_file():
+            return Path(found)
+    snapshots = cache_dir / f"models--{repo_id.replace('/', '--')}" / "snapshots"
+    for name in filenames:
+        found = sorted((p for p in snapshots.glob(f"*/{name}") if p.is_file()), key=lambda p: p.stat().st_mtime)
+        if found:
+            return found[-1]
+    return None
+
+
+def resolve_file(spec: WeightsFile, pretrained: bool | str | Path, *, model: str) -> Path:
+    """One card file: ``$MEDPLAN_WEIGHTS/FILENAME`` (or a filled Hugging Face cache) for
+    ``pretrained=True``, else the given path; MedplanError naming the file if absent."""
+    try:
+        found = resolve_weights(pretrained, spec.filename, url=spec.url, model=model)
+    except MedplanError as exc:
+        if pretrained is not True or spec.hub_repo is None:
+            raise
+        found = hub_cache_file(spec.hub_repo, spec.hub_files)
+        if found is not None:
+            return found
+        message = str(exc)[len(exc.path) + 2:] if exc.path else str(exc)
+        raise MedplanError(f"{message}; not in the Hugging Face cache ({spec.hub_repo}) either", exc.path) from None
+    assert found is not None
+    return found
+
+
+@dataclass
+class ResolvedWeights:
+    """The files a run will load (checked before the model is built) and those left random."""
+
+    loads: list[tuple[WeightsFile, Path]]
+    unloaded: list[WeightsFile] = field(default_factory=list)
+    flat: bool = True  # pretrained_report is the one file's report, not a dict of parts
+
+
+def resolve_card_weights(weights: Weights, pretrained: bool | str | Path | None, options: Mapping[str, Any], *,
+                         model: str) -> ResolvedWeights | None:
+    """What ``pretrained`` means for a card: None/False nothing; True every file from
+    ``$MEDPLAN_WEIGHTS``; a folder every file from it; a file the card's whole-model checkpoint,
+    else the first file (the others stay random)."""
+    if pretrained is None or pretrained is False:
+        return None
+    flat = weights.flat_report()
+    if pretrained is True:
+        return ResolvedWeights([(f, resolve_file(f, True, model=model)) for f in weights.files_for(options)], flat=flat)
+    path = Path(pretrained).expanduser()
+    if path.is_dir():
+        files = weights.files_for(options)
+        return ResolvedWeights([(f, resolve_file(f, path / f.filename, model=model)) for f in files], flat=flat)
+    if not path.is_file() and not flat:
+        names = " and ".join(f.filename for f in weights.files_for(options))
+        whole = "a whole-model checkpoint file" if weights.single_file is not None else "a file for the first"
+        raise MedplanError(f"pretrained weights for {model} not found: give a folder holding {names}, or {whole}",
+                           path)
+    if weights.single_file is not None:
+        return ResolvedWeights([(weights.single_file, resolve_file(weights.single_file, path, model=model))],
+                               flat=False)
+    first, *rest = weights.files_for(options)
+    return ResolvedWeights([(first, resolve_file(first, path, model=model))], unloaded=rest, flat=flat)
+
+
+def load_card_weights(model: nn.Module, resolved: ResolvedWeights, weights: Weights, *, name: str,
+                      allow_partial: bool = False) -> dict:
+    """Load every resolved file into its target submodule; the report kept as ``pretrained_report``."""
+    parts: dict[str, Any] = {}
+    for spec, path in resolved.loads:
+        key_map = spec.key_map_for(list(read_state_dict(path))) if spec.key_map_for is not None else spec.key_map
+        report = load_weights(model.get_submodule(spec.target), path, key_map=key_map,
+                              strip_prefixes=spec.strip_prefixes, ignore_missing=spec.ignore_missing,
+                              allow_partial=allow_partial, adapt_in_channels=spec.adapt_in_channels)
+        log.info("%s%s: %s", name, f" {spec.part}" if spec.part else "", report.summary())
+        parts[spec.part] = report.as_dict()
+    for spec in resolved.unloaded:
+        parts[spec.part] = weights.unloaded_note
+    return next(iter(parts.values())) if resolved.flat else parts

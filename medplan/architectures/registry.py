@@ -1,12 +1,20 @@
 """Architectures found by name, in the manner of timm's model registry.
 
-A builder is a function ``builder(in_channels, num_classes, **options) -> nn.Module`` whose
-module maps ``(B, in_channels, H, W)`` to logits ``(B, num_classes, H, W)`` at the input
-resolution (``num_classes`` is the number of output channels: 1 for a BCE head). Builders
-register with a decorator::
+A builder is a function ``builder(in_channels, num_outputs, **options) -> nn.Module`` whose
+module maps ``(B, in_channels, H, W)`` to logits ``(B, num_outputs, H, W)``. ``num_outputs``
+is the number of output channels (the plan's ``num_outputs``: 1 for a BCE head, the number of
+classes for CE); the built-in builders still name that parameter ``num_classes``. Builders
+register with a decorator, their facts in a model card (:mod:`medplan.architectures.card`)::
 
-    @register_model("unet", description="U-Net (Ronneberger 2015)", paper_params_m=31.0)
+    UNET = ModelCard(paper_params_m=31.0, input=InputContract(pad_to_multiple=lambda m: 2 ** m.depth),
+                     test_options={"base_channels": 8, "depth": 3})
+
+    @register_model("unet", card=UNET, description="U-Net (Ronneberger 2015)")
     def unet(in_channels: int, num_classes: int, *, base_channels: int = 64, depth: int = 4): ...
+
+:func:`build_model` applies the card once for every model: ``pretrained``/``allow_partial``
+(for a card with weights) resolve, load and report the weights; the input contract makes any
+input size work; the trainer takes the card's parameter groups and deviations.
 
 Built-in builders live in the modules of ``medplan.architectures``; they are imported on the
 first lookup, so a new model family is one new file. Third-party packages register through the
@@ -16,69 +24,104 @@ entry-point group ``medplan.architectures``::
     my_net = "my_package.models:build_my_net"     # a builder, registered as "my_net"
     my_zoo = "my_package.zoo"                      # a module that calls register_model on import
 
-Plug-ins are loaded lazily, once; a plug-in that fails to load gives a warning naming it and
-the rest of the registry keeps working. A plug-in cannot replace a built-in name.
+The registry is a :class:`medplan.registry.Registry`: plug-ins are loaded lazily, once; one that
+fails to load gives a warning naming it; a name registered twice is an error (a plug-in can
+never replace a built-in); an unknown name suggests close ones.
 """
 from __future__ import annotations
 
 import importlib
-import importlib.metadata
 import inspect
 import pkgutil
-import types
-import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
+from medplan.architectures.card import ModelCard, Weights, apply_input_contract, parameter_groups
+from medplan.architectures.pretrained import load_card_weights, resolve_card_weights
 from medplan.errors import MedplanError
+from medplan.registry import BUILTIN, Registry
 
 ENTRY_POINT_GROUP = "medplan.architectures"
-BUILTIN_SOURCE = "medplan"
+BUILTIN_SOURCE = BUILTIN
 _PACKAGE = "medplan.architectures"
-_NOT_MODEL_MODULES = {"registry"}
+_NOT_MODEL_MODULES = {"registry", "card", "pretrained", "measure"}
+#: options build_model handles for a card with weights (the builder never sees them)
+WEIGHT_OPTIONS = ("pretrained", "allow_partial")
 
 Builder = Callable[..., nn.Module]
 
 
-@dataclass
+@dataclass(frozen=True)
 class ModelEntry:
-    """What the registry knows about one architecture."""
+    """What the registry knows about one architecture: its builder and its card."""
 
     name: str
     builder: Builder
     description: str = ""
-    paper_params_m: float | None = None
-    pretrained: bool = False  # whether the builder can load pretrained weights (``pretrained=`` option)
-    source: str = BUILTIN_SOURCE
+    card: ModelCard = field(default_factory=ModelCard)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def module(self) -> str:
         return getattr(self.builder, "__module__", "") or ""
 
+    @property
+    def paper_params_m(self) -> float | None:
+        return self.card.paper_params_m
+
+    @property
+    def pretrained(self) -> bool:
+        """Whether the model can load pretrained weights (``pretrained=`` option)."""
+        return self.card.weights is not None
+
+    @property
+    def source(self) -> str:
+        return MODELS.entry(self.name).source if self.name in MODELS else BUILTIN
+
+    def _weights_by_card(self) -> bool:
+        return self.card.weights is not None and not self.card.weights.by_builder
+
     def options(self) -> dict[str, Any]:
-        """Keyword options of the builder and their defaults (``"**"`` if it takes any)."""
+        """Keyword options and their defaults (``"**"`` if the builder takes any), the card's
+        ``pretrained``/``allow_partial`` included."""
         out: dict[str, Any] = {}
         for i, p in enumerate(_signature(self.builder).parameters.values()):
             if i < 2 and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD):
-                continue  # in_channels, num_classes
+                continue  # in_channels, num_outputs
             if p.kind is p.VAR_KEYWORD:
                 out["**"] = p.name
             elif p.kind is not p.VAR_POSITIONAL:
                 out[p.name] = None if p.default is p.empty else p.default
-        if self.pretrained:
+        if self._weights_by_card():
+            out = {**dict.fromkeys(WEIGHT_OPTIONS, False), **out}
+        elif self.pretrained:
             out.setdefault("pretrained", False)
         return out
 
+    def resolved_options(self, options: dict[str, Any]) -> dict[str, Any]:
+        """The builder's defaults updated with ``options`` (what the card's functions see)."""
+        return {**{k: v for k, v in self.options().items() if k != "**"}, **options}
 
-_ENTRIES: dict[str, ModelEntry] = {}
-_builtins_imported = False
-_plugins_loaded = False
-_builtin_failures: dict[str, str] = {}  # module -> reason it failed to import
-_loading_source: str | None = None  # set while a plug-in is being imported
+
+def _from_plugin(name: str, obj: Any) -> ModelEntry:
+    if not callable(obj):
+        raise TypeError(f"{obj!r} is neither a builder function nor a module")
+    return ModelEntry(name=name, builder=obj, description=_first_doc_line(obj))
+
+
+def _builtin_modules() -> list[str]:
+    """Every module of medplan.architectures (so that its builders register)."""
+    package = importlib.import_module(_PACKAGE)  # initialised by the time of the first lookup
+    return [f"{_PACKAGE}.{info.name}" for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name)
+            if not info.name.startswith("_") and info.name not in _NOT_MODEL_MODULES]
+
+
+#: the architectures: name -> :class:`ModelEntry`
+MODELS: Registry[ModelEntry] = Registry("architecture", group=ENTRY_POINT_GROUP, builtins=_builtin_modules,
+                                        identity=lambda entry: entry.builder, from_plugin=_from_plugin)
 
 
 def _signature(fn: Callable[..., Any]) -> inspect.Signature:
@@ -93,174 +136,66 @@ def _first_doc_line(obj: Any) -> str:
     return doc.strip().splitlines()[0] if doc.strip() else ""
 
 
-def _add_entry(entry: ModelEntry) -> bool:
-    """Insert an entry; plug-ins never replace a built-in. Returns whether it was added."""
-    old = _ENTRIES.get(entry.name)
-    if old is not None and old.builder is not entry.builder:
-        if entry.source != BUILTIN_SOURCE and old.source == BUILTIN_SOURCE:
-            warnings.warn(
-                f"architecture plug-in from {entry.source!r} tries to register {entry.name!r}, "
-                f"which is a built-in medplan model; the plug-in's version is ignored",
-                RuntimeWarning,
-                stacklevel=3,
-            )
-            return False
-        warnings.warn(
-            f"architecture {entry.name!r} registered again by {entry.module or entry.source}; "
-            f"replacing the one from {old.module or old.source}",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-    _ENTRIES[entry.name] = entry
-    return True
-
-
 def register_model(
     name: str | None = None,
     *,
+    card: ModelCard | None = None,
     description: str | None = None,
     paper_params_m: float | None = None,
     pretrained: bool = False,
     **extra: Any,
 ) -> Callable[[Builder], Builder]:
-    """Decorator registering a builder under ``name`` (default: the function's name).
+    """Decorator registering a builder under ``name`` (default: the function's name) with its card.
 
-    ``paper_params_m`` is the size reported by the model's paper (millions of parameters),
-    shown beside the measured count; ``pretrained`` says the builder accepts
-    ``pretrained=True`` (loading weights from local files). ``extra`` keeps any other facts
-    (e.g. ``family="cnn"``) for :func:`model_info`.
+    ``paper_params_m`` and ``pretrained`` are shortcuts for a card without one (a plug-in's
+    builder that takes ``pretrained=`` and loads its own weights). ``extra`` keeps any other
+    facts (e.g. ``family="cnn"``) for :func:`model_info`.
     """
     if callable(name) and not isinstance(name, str):  # bare @register_model
         return register_model()(name)
+    card = card or ModelCard()
+    if paper_params_m is not None:
+        card = replace(card, paper_params_m=paper_params_m)
+    if pretrained and card.weights is None:
+        card = replace(card, weights=Weights(by_builder=True))
 
     def wrap(fn: Builder) -> Builder:
-        entry = ModelEntry(
-            name=name or fn.__name__,
-            builder=fn,
-            description=_first_doc_line(fn) if description is None else description,
-            paper_params_m=paper_params_m,
-            pretrained=pretrained,
-            source=_loading_source or BUILTIN_SOURCE,
-            extra=dict(extra),
-        )
-        _add_entry(entry)
+        key = name or fn.__name__
+        text = _first_doc_line(fn) if description is None else description
+        MODELS.add(key, ModelEntry(name=key, builder=fn, description=text, card=card, extra=dict(extra)))
         return fn
 
     return wrap
 
 
-def _import_builtins() -> None:
-    """Import every module of medplan.architectures so that its builders register."""
-    global _builtins_imported
-    if _builtins_imported:
-        return
-    _builtins_imported = True
-    package = importlib.import_module(_PACKAGE)
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if info.name.startswith("_") or info.name in _NOT_MODEL_MODULES:
-            continue
-        module = f"{_PACKAGE}.{info.name}"
-        try:
-            importlib.import_module(module)
-        except Exception as exc:  # an optional dependency missing must not hide the other models
-            _builtin_failures[module] = f"{type(exc).__name__}: {exc}"
-            warnings.warn(f"architecture module {module} failed to import: {exc}", RuntimeWarning, stacklevel=2)
-
-
-def _entry_points() -> Sequence[importlib.metadata.EntryPoint]:
-    return list(importlib.metadata.entry_points(group=ENTRY_POINT_GROUP))
-
-
-def _load_one_plugin(ep: importlib.metadata.EntryPoint) -> list[str]:
-    global _loading_source
-    dist = getattr(ep, "dist", None)
-    source = dist.name if dist is not None and getattr(dist, "name", None) else f"entry point {ep.name}"
-    before = {n: e.builder for n, e in _ENTRIES.items()}
-    _loading_source = source
-    try:
-        obj = ep.load()
-        if isinstance(obj, types.ModuleType):
-            pass  # registered itself on import
-        elif callable(obj):
-            already = [n for n, e in _ENTRIES.items() if e.builder is obj]
-            if not already:
-                _add_entry(ModelEntry(name=ep.name, builder=obj, description=_first_doc_line(obj), source=source))
-        else:
-            raise TypeError(f"{ep.value} is neither a builder function nor a module")
-    finally:
-        _loading_source = None
-    return [n for n, e in _ENTRIES.items() if before.get(n) is not e.builder]
-
-
 def load_plugins(reload: bool = False) -> list[str]:
     """Load the ``medplan.architectures`` entry points (once); returns the names they added."""
-    global _plugins_loaded
-    _import_builtins()
-    if _plugins_loaded and not reload:
-        return []
-    _plugins_loaded = True
-    added: list[str] = []
-    try:
-        eps = _entry_points()
-    except Exception as exc:  # a broken environment must not break the built-ins
-        warnings.warn(f"cannot list {ENTRY_POINT_GROUP} entry points: {exc}", RuntimeWarning, stacklevel=2)
-        return added
-    for ep in eps:
-        try:
-            added += _load_one_plugin(ep)
-        except Exception as exc:
-            warnings.warn(
-                f"architecture plug-in {ep.name!r} ({ep.value}) failed to load and is skipped: "
-                f"{type(exc).__name__}: {exc}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-    return added
-
-
-def _ensure_loaded() -> None:
-    _import_builtins()
-    if not _plugins_loaded:
-        load_plugins()
+    return MODELS.load_plugins(reload)
 
 
 def list_models(pattern: str | None = None) -> list[str]:
     """Sorted names of the registered architectures, optionally filtered by a glob pattern."""
-    import fnmatch
-
-    _ensure_loaded()
-    names = sorted(_ENTRIES)
-    return [n for n in names if fnmatch.fnmatchcase(n, pattern)] if pattern else names
+    return MODELS.names(pattern)
 
 
 def is_model(name: str) -> bool:
-    _ensure_loaded()
-    return name in _ENTRIES
+    return name in MODELS
 
 
 def get_entry(name: str) -> ModelEntry:
-    """The registry entry for ``name``; an unknown name is a MedplanError listing the known ones."""
-    _ensure_loaded()
-    try:
-        return _ENTRIES[name]
-    except KeyError:
-        pass
-    import difflib
+    """The registry entry for ``name``; an unknown name is a MedplanError suggesting close ones."""
+    return MODELS[name]
 
-    known = sorted(_ENTRIES)
-    close = difflib.get_close_matches(str(name), known, n=3)
-    hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    failed = (
-        "; modules that failed to import: " + ", ".join(f"{m} ({r})" for m, r in sorted(_builtin_failures.items()))
-        if _builtin_failures
-        else ""
-    )
-    raise MedplanError(f"unknown architecture {name!r}{hint}; known: {', '.join(known)}{failed}")
+
+def model_card(name: str) -> ModelCard:
+    """The card of architecture ``name``."""
+    return get_entry(name).card
 
 
 def model_info(name: str) -> dict[str, Any]:
-    """Description, paper size, builder module, options and source of one architecture."""
+    """Description, paper size, builder module, options, weights and source of one architecture."""
     entry = get_entry(name)
+    card = entry.card
     return {
         "name": entry.name,
         "description": entry.description,
@@ -270,8 +205,29 @@ def model_info(name: str) -> dict[str, Any]:
         "builder": getattr(entry.builder, "__qualname__", repr(entry.builder)),
         "source": entry.source,
         "options": {k: v for k, v in entry.options().items() if k != "**"},
+        "weights": [] if card.weights is None else card.weights.filenames(entry.resolved_options({})),
+        "internal_size": card.input.internal_size_for(entry.resolved_options({})),
         **entry.extra,
     }
+
+
+def model_internal_size(name: str, options: dict[str, Any] | None = None) -> tuple[int, int] | None:
+    """The fixed (H, W) the card runs ``name`` at for these builder options (HiFormer: ``img_size``), or None."""
+    entry = get_entry(name)
+    return entry.card.input.internal_size_for(entry.resolved_options(dict(options or {})))
+
+
+def model_deviations(name: str, options: dict[str, Any] | None = None,
+                     planned_size: Iterable[int] | None = None) -> list[str]:
+    """What the benchmark changes for ``name`` against the shared protocol (config.json's ``deviations``)."""
+    entry = get_entry(name)
+    return entry.card.deviation_notes(entry.resolved_options(dict(options or {})),
+                                      None if planned_size is None else list(planned_size))
+
+
+def model_parameter_groups(name: str, model: nn.Module, lr: float) -> list[dict]:
+    """Optimizer parameter groups of a built ``name`` model, as its card declares them."""
+    return parameter_groups(model, lr, model_card(name).param_groups)
 
 
 def _positive_int(value: Any, what: str, where: str) -> int:
@@ -280,17 +236,25 @@ def _positive_int(value: Any, what: str, where: str) -> int:
     return value
 
 
-def build_model(name: str, in_channels: int, num_classes: int, **options: Any) -> nn.Module:
-    """Build architecture ``name`` for ``in_channels`` inputs and ``num_classes`` output channels.
+def build_model(name: str, in_channels: int, num_outputs: int | None = None, **options: Any) -> nn.Module:
+    """Build architecture ``name`` for ``in_channels`` inputs and ``num_outputs`` output channels.
 
-    Options the builder does not take are a MedplanError naming the model and the option.
-    ``pretrained=False`` is accepted by every model (a no-op for those without weights), so
-    callers can pass the run's choice uniformly; ``pretrained=True`` for a model without
-    pretrained weights is an error, never a silent fall-back.
+    The card is applied once: for a card with weights, ``pretrained`` (False, True: the
+    documented files in ``$MEDPLAN_WEIGHTS``, or a file/folder path) and ``allow_partial``
+    are resolved before the build and loaded after it, the report kept as
+    ``model.pretrained_report``; the input contract is installed, so the model maps any
+    (B, C, H, W) to (B, num_outputs, H, W). Options the builder does not take are a
+    MedplanError naming the model and the option. ``pretrained=False`` is accepted by every
+    model, so callers can pass the run's choice uniformly; ``pretrained=True`` for a model
+    without weights is an error, never a silent fall-back. (``num_classes=`` is accepted as
+    the old name of ``num_outputs``.)
     """
+    if num_outputs is None and "num_classes" in options:
+        num_outputs = options.pop("num_classes")
     entry = get_entry(name)
+    card = entry.card
     _positive_int(in_channels, "in_channels", f"architecture {name!r}")
-    _positive_int(num_classes, "num_classes", f"architecture {name!r}")
+    _positive_int(num_outputs, "num_outputs (num_classes)", f"architecture {name!r}")
     options = dict(options)
     if not entry.pretrained and "pretrained" in options:
         if options.pop("pretrained"):
@@ -303,10 +267,20 @@ def build_model(name: str, in_channels: int, num_classes: int, **options: Any) -
             raise MedplanError(
                 f"architecture {name!r} has no option {', '.join(map(repr, unknown))} (its options: {valid})"
             )
-    model = entry.builder(in_channels, num_classes, **options)
+    by_card = entry._weights_by_card()
+    pretrained = options.pop("pretrained", False) if by_card else False
+    allow_partial = bool(options.pop("allow_partial", False)) if by_card else False
+    resolved = entry.resolved_options(options)
+    weights = resolve_card_weights(card.weights, pretrained, resolved, model=name) if by_card else None
+    model = entry.builder(in_channels, num_outputs, **options)
     if not isinstance(model, nn.Module):
         raise MedplanError(f"builder of architecture {name!r} returned {type(model).__name__}, not an nn.Module")
-    return model
+    if by_card:
+        model.pretrained_report = None if weights is None else load_card_weights(
+            model, weights, card.weights, name=name, allow_partial=allow_partial)
+    if card.after_weights is not None:
+        card.after_weights(model)
+    return apply_input_contract(model, card.input, resolved)
 
 
 def count_parameters(model: nn.Module) -> dict[str, int]:
@@ -357,7 +331,6 @@ def describe_models(
     the CPU when a builder or forward does not support it. A model that fails to build gets an
     ``error`` entry instead of stopping the listing.
     """
-    _ensure_loaded()
     _positive_int(in_channels, "in_channels", "cannot describe models")
     _positive_int(num_classes, "num_classes", "cannot describe models")
     if len(size) != 2 or any(isinstance(s, bool) or not isinstance(s, int) or s < 1 for s in size):

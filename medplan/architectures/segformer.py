@@ -20,15 +20,17 @@ smp's ``MixVisionTransformerEncoder`` is not used because its ``load_state_dict`
 ``strict`` argument and it pads the feature list for smp's U-Net-style decoders; the base
 class gives the four stage outputs directly.
 
-The authors' optimizer recipe (head LR x10, no weight decay on norms) is in
-:mod:`medplan.trainers.segformer`.
+The authors' optimizer recipe is in the model card (:data:`SEGFORMER_B3`): the official config
+(NVlabs ``segformer.b3.512x512.ade.160k.py``) builds AdamW with ``paramwise_cfg=dict(custom_keys=
+{'pos_block': dict(decay_mult=0.), 'norm': dict(decay_mult=0.), 'head': dict(lr_mult=10.)})``:
+parameters whose name holds ``norm`` get no weight decay, the decode head learns 10x faster. mmcv
+applies the first matching key (longest first, ties in the given order), so a head parameter
+named ``norm`` keeps the base LR. The LR itself, its schedule, the weight decay value and
+everything else follow the plan.
 """
 from __future__ import annotations
 
-import logging
-import os
-from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -36,71 +38,37 @@ from segmentation_models_pytorch.decoders.segformer.decoder import SegformerDeco
 from segmentation_models_pytorch.encoders.mix_transformer import MixVisionTransformer, mix_transformer_encoders
 from torch import nn
 
-from medplan.architectures.pretrained import load_weights, resolve_weights
+from medplan.architectures.card import ModelCard, ParamGroups, Weights, WeightsFile
 from medplan.architectures.registry import register_model
 from medplan.errors import MedplanError
-
-log = logging.getLogger(__name__)
 
 MIT_B3_FILENAME = "mit_b3.pth"
 MIT_B3_URL = ("https://github.com/NVlabs/SegFormer#training ('weights pretrained on ImageNet-1K': Google Drive "
               "https://drive.google.com/drive/folders/1b7bwrInTW4VLEm27YawHOAMSMikga2Ia); same tensors as "
               "https://huggingface.co/smp-hub/mit_b3.imagenet (model.safetensors)")
 MIT_B3_HUB = "smp-hub/mit_b3.imagenet"
-HUB_FILES = ("model.safetensors", "pytorch_model.bin")
 # keys of the ImageNet checkpoint that a segmentation model does not use (classifier head)
 CLASSIFIER_KEYS = (r"^head\.",)
+#: MiT-B3 ImageNet weights into ``model.encoder`` (VWFormer: ``backbone``); a filled Hugging Face cache also does
+MIT_B3_WEIGHTS = WeightsFile(MIT_B3_FILENAME, MIT_B3_URL, target="encoder", ignore_missing=CLASSIFIER_KEYS,
+                             hub_repo=MIT_B3_HUB)
+HEAD_LR_MULT = 10.0
+SEGFORMER_DEVIATION = ("AdamW parameter groups of the official SegFormer config: decode head LR x10 "
+                       "(head lr_mult=10), no weight decay for parameters named 'norm' (decay_mult=0)")
 #: smp's MiT-B3 configuration (NVIDIA's mit_b3 class)
 MIT_B3 = {k: v for k, v in mix_transformer_encoders["mit_b3"]["params"].items() if k != "out_channels"}
 
 
-# ------------------------------------------------------------------------- weights
-def hub_cache_file(repo_id: str, filenames: Iterable[str] = HUB_FILES) -> Path | None:
-    """A file of ``repo_id`` already in the local Hugging Face cache (never downloads): the ``main``
-    snapshot, else any snapshot (smp downloads a pinned revision, which leaves no ``main`` ref)."""
-    try:
-        from huggingface_hub import constants, try_to_load_from_cache
-    except ImportError:  # pragma: no cover - huggingface_hub comes with timm
-        return None
-    cache_dir = Path(os.environ.get("HF_HUB_CACHE") or (
-        Path(os.environ["HF_HOME"]) / "hub" if os.environ.get("HF_HOME") else constants.HF_HUB_CACHE))
-    filenames = list(filenames)
-    for name in filenames:
-        found = try_to_load_from_cache(repo_id, name, cache_dir=cache_dir)
-        if isinstance(found, str) and Path(found).is_file():
-            return Path(found)
-    snapshots = cache_dir / f"models--{repo_id.replace('/', '--')}" / "snapshots"
-    for name in filenames:
-        found = sorted((p for p in snapshots.glob(f"*/{name}") if p.is_file()), key=lambda p: p.stat().st_mtime)
-        if found:
-            return found[-1]
-    return None
+# ------------------------------------------------------------------------- optimizer groups
+def custom_keys_no_decay(name: str, param: torch.Tensor) -> bool:
+    """mmcv's custom keys ``pos_block`` and ``norm`` (``decay_mult=0``) as substrings of the name."""
+    return "pos_block" in name or "norm" in name
 
 
-def resolve_encoder_weights(pretrained: bool | str | Path | None, filename: str, *, url: str, model: str,
-                            hub_repo: str | None = None, hub_files: Iterable[str] = HUB_FILES) -> Path | None:
-    """:func:`resolve_weights`, then (for ``pretrained=True``) a filled Hugging Face cache of ``hub_repo``."""
-    try:
-        return resolve_weights(pretrained, filename, url=url, model=model)
-    except MedplanError as exc:
-        if pretrained is not True or hub_repo is None:
-            raise
-        found = hub_cache_file(hub_repo, hub_files)
-        if found is not None:
-            return found
-        message = str(exc)[len(exc.path) + 2:] if exc.path else str(exc)
-        raise MedplanError(f"{message}; not in the Hugging Face cache ({hub_repo}) either", exc.path) from None
-
-
-def load_encoder_weights(model: nn.Module, encoder: nn.Module, path: Path | None, *, name: str,
-                         key_map=None, ignore_missing: Sequence[str] = (), allow_partial: bool = False) -> dict | None:
-    """Load ``path`` into ``encoder``, log the report and keep it as ``model.pretrained_report``."""
-    if path is None:
-        return None
-    report = load_weights(encoder, path, key_map=key_map, ignore_missing=ignore_missing, allow_partial=allow_partial)
-    log.info("%s: %s", name, report.summary())
-    model.pretrained_report = report.as_dict()
-    return model.pretrained_report
+def segformer_param_groups(backbone: str) -> ParamGroups:
+    """The official config's groups on our names: every parameter outside ``backbone`` is "head"
+    (mmseg's ``decode_head``)."""
+    return ParamGroups(no_weight_decay=custom_keys_no_decay, head_lr_factor=HEAD_LR_MULT, backbone=(f"{backbone}.",))
 
 
 # ------------------------------------------------------------------------- model
@@ -180,20 +148,26 @@ def check_drop_path(value: float, name: str) -> float:
     return float(value)
 
 
-@register_model("segformer_b3", description="SegFormer-B3 (NeurIPS'21): MiT-B3 encoder + all-MLP head (768 ch)",
-                paper_params_m=47.0, pretrained=True, family="transformer")
-def segformer_b3(in_channels: int, num_classes: int, *, pretrained: bool | str = False, allow_partial: bool = False,
-                 drop_path_rate: float = 0.1, decoder_channels: int = 768, embed_dims: Sequence[int] | None = None,
-                 depths: Sequence[int] | None = None, num_heads: Sequence[int] | None = None) -> SegFormer:
+SEGFORMER_B3 = ModelCard(
+    paper_params_m=47.0,
+    weights=Weights((MIT_B3_WEIGHTS,)),
+    param_groups=segformer_param_groups("encoder"),
+    deviations=(SEGFORMER_DEVIATION,),
+    test_options={"embed_dims": [8, 16, 32, 32], "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2],
+                  "decoder_channels": 16},
+)
+
+
+@register_model("segformer_b3", card=SEGFORMER_B3, family="transformer",
+                description="SegFormer-B3 (NeurIPS'21): MiT-B3 encoder + all-MLP head (768 ch)")
+def segformer_b3(in_channels: int, num_classes: int, *, drop_path_rate: float = 0.1, decoder_channels: int = 768,
+                 embed_dims: Sequence[int] | None = None, depths: Sequence[int] | None = None,
+                 num_heads: Sequence[int] | None = None) -> SegFormer:
     """SegFormer-B3 as configured for ADE20K (``segformer.b3.512x512.ade.160k.py``); ``embed_dims``,
     ``depths``, ``num_heads`` and ``decoder_channels`` exist for tiny test models (the ImageNet weights
     ``mit_b3.pth`` fit only the defaults)."""
     name = "segformer_b3"
-    path = resolve_encoder_weights(pretrained, MIT_B3_FILENAME, url=MIT_B3_URL, model=name, hub_repo=MIT_B3_HUB)
     encoder = build_mit(in_channels, embed_dims=embed_dims, depths=depths, num_heads=num_heads,
                         drop_path_rate=check_drop_path(drop_path_rate, name), name=name)
     channels = _int_list([decoder_channels], "decoder_channels", name)[0]
-    model = SegFormer(encoder, num_classes, decoder_channels=channels)
-    load_encoder_weights(model, model.encoder, path, name=name, ignore_missing=CLASSIFIER_KEYS,
-                         allow_partial=allow_partial)
-    return model
+    return SegFormer(encoder, num_classes, decoder_channels=channels)

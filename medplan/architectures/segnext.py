@@ -23,7 +23,6 @@ the benchmark paper trained SegNeXt without mixed precision for instability, see
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 from typing import Sequence
 
@@ -32,11 +31,9 @@ import torch.nn.functional as F
 from timm.layers import DropPath
 from torch import nn
 
-from medplan.architectures.pretrained import load_weights, resolve_weights
+from medplan.architectures.card import ModelCard, Weights, WeightsFile
 from medplan.architectures.registry import register_model
 from medplan.errors import MedplanError
-
-log = logging.getLogger(__name__)
 
 MSCAN_L_FILENAME = "mscan_l.pth"
 MSCAN_L_URL = ("https://cloud.tsinghua.edu.cn/d/c15b25a6745946618462/ (SegNeXt README, 'ImageNet pre-trained "
@@ -81,10 +78,8 @@ class StemConv(nn.Module):
         super().__init__()
         self.proj = nn.Sequential(
             nn.Conv2d(in_channels, out_channels // 2, 3, stride=2, padding=1),
-            nn.BatchNorm2d(out_channels // 2),
-            nn.GELU(),
-            nn.Conv2d(out_channels // 2, out_channels, 3, stride=2, padding=1),
-            nn.BatchNorm2d(out_channels),
+            nn.BatchNorm2d(out_channels // 2), nn.GELU(),
+            nn.Conv2d(out_channels // 2, out_channels, 3, stride=2, padding=1), nn.BatchNorm2d(out_channels),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -386,18 +381,6 @@ class SegNeXt(nn.Module):
         return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
-def load_mscan_weights(model: SegNeXt, pretrained: bool | str, *, filename: str = MSCAN_L_FILENAME,
-                       url: str = MSCAN_L_URL, name: str = "segnext_l", allow_partial: bool = False) -> dict | None:
-    """Load ImageNet MSCAN weights into ``model.backbone``; returns (and keeps) the load report."""
-    path = resolve_weights(pretrained, filename, url=url, model=name)
-    if path is None:
-        return None
-    report = load_weights(model.backbone, path, ignore_missing=CLASSIFIER_KEYS, allow_partial=allow_partial)
-    log.info("%s: %s", name, report.summary())
-    model.pretrained_report = report.as_dict()
-    return model.pretrained_report
-
-
 def _int_list(value: Sequence[int], what: str) -> list[int]:
     try:
         out = [int(v) for v in value]
@@ -408,11 +391,18 @@ def _int_list(value: Sequence[int], what: str) -> list[int]:
     return out
 
 
-@register_model("segnext_l", description="SegNeXt-L (NeurIPS'22): MSCAN-L encoder + LightHamHead (NMF)",
-                paper_params_m=49.0, pretrained=True, family="cnn")
-def segnext_l(in_channels: int, num_classes: int, *, pretrained: bool | str = False, allow_partial: bool = False,
-              drop_path_rate: float = 0.3, embed_dims: Sequence[int] = (64, 128, 320, 512),
-              depths: Sequence[int] = (3, 5, 27, 3), channels: int = 1024) -> SegNeXt:
+SEGNEXT_L = ModelCard(
+    paper_params_m=49.0,
+    weights=Weights((WeightsFile(MSCAN_L_FILENAME, MSCAN_L_URL, target="backbone", ignore_missing=CLASSIFIER_KEYS),)),
+    test_options={"embed_dims": [8, 16, 32, 32], "depths": [1, 1, 1, 1], "channels": 32},
+)
+
+
+@register_model("segnext_l", card=SEGNEXT_L, family="cnn",
+                description="SegNeXt-L (NeurIPS'22): MSCAN-L encoder + LightHamHead (NMF)")
+def segnext_l(in_channels: int, num_classes: int, *, drop_path_rate: float = 0.3,
+              embed_dims: Sequence[int] = (64, 128, 320, 512), depths: Sequence[int] = (3, 5, 27, 3),
+              channels: int = 1024) -> SegNeXt:
     """SegNeXt-L as configured for ADE20K; ``embed_dims``/``depths``/``channels`` exist for tiny test models
     (the ImageNet weights ``mscan_l.pth`` fit only the defaults)."""
     if not 0.0 <= float(drop_path_rate) < 1.0:
@@ -422,7 +412,5 @@ def segnext_l(in_channels: int, num_classes: int, *, pretrained: bool | str = Fa
     if len(dims) != 4 or len(deps) != 4:
         raise MedplanError(f"segnext_l: embed_dims and depths need 4 values (one per stage), got {dims}, {deps}")
     channels = _int_list([channels], "channels")[0]
-    model = SegNeXt(in_channels, num_classes, embed_dims=dims, depths=deps, drop_path_rate=float(drop_path_rate),
-                    channels=channels, ham_channels=channels)
-    load_mscan_weights(model, pretrained, allow_partial=allow_partial)
-    return model
+    return SegNeXt(in_channels, num_classes, embed_dims=dims, depths=deps, drop_path_rate=float(drop_path_rate),
+                   channels=channels, ham_channels=channels)

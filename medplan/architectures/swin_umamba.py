@@ -30,13 +30,13 @@ which does not fit the 2x2, 48-channel one) and ``patch_embed.norm.weight`` are 
 (their skip list names ``patch_embed.norm.weight`` twice, so ``patch_embed.norm.bias`` does
 load — kept as they do it). The stem and decoder start from random weights.
 
-Input sides that are not multiples of 32 are zero-padded inside ``forward`` and the logits
-cropped back. The selective scan is :mod:`medplan.architectures.selective_scan` (mamba-ssm's
-CUDA kernel when installed, else an exact chunked PyTorch scan).
+Input sides that are not multiples of 32 are zero-padded and the logits cropped back (the
+card's input contract, applied by ``build_model``). The selective scan is
+:mod:`medplan.architectures.selective_scan` (mamba-ssm's CUDA kernel when installed, else an exact
+chunked PyTorch scan).
 """
 from __future__ import annotations
 
-import logging
 import math
 import re
 from collections import OrderedDict
@@ -49,12 +49,10 @@ from timm.layers import DropPath
 from torch import nn
 
 from medplan.architectures._init import init_weights
-from medplan.architectures.pretrained import load_weights, resolve_weights
+from medplan.architectures.card import InputContract, ModelCard, Weights, WeightsFile
 from medplan.architectures.registry import register_model
 from medplan.architectures.selective_scan import selective_scan_fn
 from medplan.errors import MedplanError
-
-log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "vssmtiny_dp01_ckpt_epoch_292.pth"
 WEIGHTS_URL = "https://github.com/MzeroMiko/VMamba/releases/download/%2320240218/vssmtiny_dp01_ckpt_epoch_292.pth"
@@ -332,10 +330,7 @@ class SwinUMamba(nn.Module):
         self.out_layers = nn.ModuleList(UnetOutBlock(feat[i], out_chans) for i in range(4 if deep_supervision else 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        h, w = x.shape[-2:]
-        pad_h, pad_w = (-h) % self.multiple, (-w) % self.multiple
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        """Logits for sides that are multiples of 32 (the input contract pads the others)."""
         vss = self.vssm_encoder(self.stem(x))
         enc1 = self.encoder1(x)
         enc2 = self.encoder2(vss[0])
@@ -348,10 +343,8 @@ class SwinUMamba(nn.Module):
         dec1 = self.decoder3(dec2, enc2)
         dec_out = self.decoder1(self.decoder2(dec1, enc1))
         if self.deep_supervision:  # full resolution first, as nnU-Net expects
-            outs = [head(f) for head, f in zip(self.out_layers, (dec_out, dec1, dec2, dec3))]
-            return [o[..., : -(-h // 2**i), : -(-w // 2**i)] for i, o in enumerate(outs)]
-        logits = self.out_layers[0](dec_out)
-        return logits[..., :h, :w] if (pad_h or pad_w) else logits
+            return [head(f) for head, f in zip(self.out_layers, (dec_out, dec1, dec2, dec3))]
+        return self.out_layers[0](dec_out)
 
     @torch.no_grad()
     def freeze_encoder(self) -> None:
@@ -373,27 +366,24 @@ def vmamba_key_map(key: str) -> str | None:
     return re.sub(r"^layers\.(\d+)\.downsample\.", r"downsamples.\1.", key)
 
 
-def load_vmamba_weights(model: SwinUMamba, path, *, allow_partial: bool = False):
-    """Load VMamba-T ImageNet weights into ``model.vssm_encoder``; returns the load report."""
-    return load_weights(model.vssm_encoder, path, key_map=vmamba_key_map,
-                        ignore_missing=[r"^patch_embed\.proj\.", r"^patch_embed\.norm\.weight$"],
-                        allow_partial=allow_partial, adapt_in_channels=False)
+#: VMamba-T ImageNet weights into the encoder, as the authors' load_pretrained_ckpt
+VMAMBA_T_WEIGHTS = WeightsFile(WEIGHTS_FILE, WEIGHTS_URL, target="vssm_encoder", key_map=vmamba_key_map,
+                               ignore_missing=(r"^patch_embed\.proj\.", r"^patch_embed\.norm\.weight$"),
+                               adapt_in_channels=False)
+SWIN_UMAMBA = ModelCard(
+    paper_params_m=60.0,
+    weights=Weights((VMAMBA_T_WEIGHTS,)),
+    input=InputContract(pad_to_multiple=SwinUMamba.multiple),
+    test_options={"dims": (8, 16, 32, 64), "depths": (1, 1, 1, 1), "d_state": 4, "stem_channels": 8},
+)
 
 
-@register_model("swin_umamba", description="Swin-UMamba (MICCAI'24): VMamba-T (SS2D) encoder, UNETR-style decoder",
-                paper_params_m=60.0, pretrained=True, family="mamba", weights_file=WEIGHTS_FILE,
-                weights_url=WEIGHTS_URL)
-def swin_umamba(in_channels: int, num_classes: int, *, pretrained: bool | str = False, allow_partial: bool = False,
-                dims: Sequence[int] = (96, 192, 384, 768), depths: Sequence[int] = (2, 2, 9, 2),
+@register_model("swin_umamba", card=SWIN_UMAMBA, family="mamba",
+                description="Swin-UMamba (MICCAI'24): VMamba-T (SS2D) encoder, UNETR-style decoder")
+def swin_umamba(in_channels: int, num_classes: int, *, dims: Sequence[int] = (96, 192, 384, 768),
+                depths: Sequence[int] = (2, 2, 9, 2),
                 stem_channels: int = 48, d_state: int = 16, drop_path_rate: float = 0.2,
                 deep_supervision: bool = False, use_checkpoint: bool = False) -> nn.Module:
-    model = SwinUMamba(in_channels, num_classes, dims=dims, depths=depths, stem_channels=stem_channels,
-                       d_state=d_state, drop_path_rate=drop_path_rate, deep_supervision=deep_supervision,
-                       use_checkpoint=use_checkpoint)
-    path = resolve_weights(pretrained, WEIGHTS_FILE, url=WEIGHTS_URL, model="swin_umamba")
-    model.pretrained_report = None
-    if path is not None:
-        report = load_vmamba_weights(model, path, allow_partial=allow_partial)
-        log.info("swin_umamba: %s", report.summary())
-        model.pretrained_report = report.as_dict()
-    return model
+    return SwinUMamba(in_channels, num_classes, dims=dims, depths=depths, stem_channels=stem_channels,
+                      d_state=d_state, drop_path_rate=drop_path_rate, deep_supervision=deep_supervision,
+                      use_checkpoint=use_checkpoint)

@@ -38,10 +38,8 @@ prompt encoder and the mask decoder's transformer/upscaling, and torchvision's R
 """
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import timm
 import torch
@@ -50,11 +48,9 @@ from timm.layers import LayerNorm2d
 from timm.models.vision_transformer_sam import VisionTransformerSAM
 from torch import nn
 
-from medplan.architectures.pretrained import load_weights, resolve_weights
+from medplan.architectures.card import ModelCard, Weights, WeightsFile
 from medplan.architectures.registry import register_model
 from medplan.errors import MedplanError
-
-log = logging.getLogger(__name__)
 
 SAM_FILENAME = "sam_vit_b_01ec64.pth"
 SAM_URL = "https://dl.fbaipublicfiles.com/segment_anything/sam_vit_b_01ec64.pth"
@@ -370,37 +366,35 @@ def sam_key_map(key: str) -> str | None:
     return None
 
 
-NEW_PARTS = [r"^cnn\.", r"^fusion_convs\.", r"^mask_decoder\.(med_token|output_hypernetworks_mlps|ms_)"]
+NEW_PARTS = (r"^cnn\.", r"^fusion_convs\.", r"^mask_decoder\.(med_token|output_hypernetworks_mlps|ms_)")
 
 
-def load_syncsam_weights(model: SyncSAM, pretrained: bool | str | Path, allow_partial: bool = False) -> dict:
+def syncsam_files(options) -> tuple[WeightsFile, ...]:
     """SAM checkpoint into encoder/prompt/decoder; torchvision ResNet file into the CNN branch."""
-    path = Path(pretrained).expanduser() if not isinstance(pretrained, bool) else None
-    folder = path if path is not None and path.is_dir() else None
-    sam_arg = (folder / SAM_FILENAME) if folder else pretrained
-    sam_file = resolve_weights(sam_arg, SAM_FILENAME, url=SAM_URL, model="syncsam")
-    report = load_weights(model, sam_file, key_map=sam_key_map, strip_prefixes=(), ignore_missing=NEW_PARTS,
-                          allow_partial=allow_partial)
-    log.info("syncsam SAM weights: %s", report.summary())
-    out = {"sam": report.as_dict()}
-    if pretrained is True or folder is not None:
-        name, url = RESNET_FILES.get(model.resnet_name, (None, None))
-        if name is None:
-            raise MedplanError(f"syncsam: no documented weights file for {model.resnet_name!r} "
-                               f"(known: {', '.join(RESNET_FILES)})")
-        res_file = resolve_weights(True if folder is None else folder / name, name, url=url, model="syncsam")
-        res = load_weights(model.cnn, res_file, ignore_missing=[r"^fc\."], allow_partial=allow_partial)
-        log.info("syncsam ResNet weights: %s", res.summary())
-        out["resnet"] = res.as_dict()
-    else:
-        out["resnet"] = "random init (pretrained= a SAM checkpoint file; give a folder for both files)"
-    return out
+    resnet = options.get("resnet", "resnet50")
+    name, url = RESNET_FILES.get(resnet, (None, None))
+    if name is None:
+        raise MedplanError(f"syncsam: no documented weights file for {resnet!r} (known: {', '.join(RESNET_FILES)})")
+    return (WeightsFile(SAM_FILENAME, SAM_URL, part="sam", key_map=sam_key_map, strip_prefixes=(),
+                        ignore_missing=NEW_PARTS),
+            WeightsFile(name, url, target="cnn", part="resnet", ignore_missing=(r"^fc\.",)))
 
 
-@register_model("syncsam", description="SyncSAM: frozen SAM ViT-B + ResNet-50 fused stage by stage, box prompt",
-                paper_params_m=138.0, pretrained=True)
-def syncsam(in_channels: int, num_classes: int, *, pretrained: bool | str = False, allow_partial: bool = False,
-            sam_config: SamConfig | dict | None = None, resnet: str = "resnet50",
+SYNCSAM = ModelCard(
+    paper_params_m=138.0,
+    # pretrained=True / a folder: SAM + ResNet files; pretrained=FILE: the SAM checkpoint only
+    weights=Weights(syncsam_files,
+                    unloaded_note="random init (pretrained= a SAM checkpoint file; give a folder for both files)"),
+    test_options={"sam_config": {"embed_dim": 32, "depth": 4, "num_heads": 2, "window_size": 4,
+                                 "global_attn_indexes": [0, 1, 2, 3], "prompt_embed_dim": 32, "decoder_mlp_dim": 32,
+                                 "decoder_heads": 2, "img_size": 64}, "resnet": "resnet18"},
+    test_sizes=((64, 64), (41, 53)),
+)
+
+
+@register_model("syncsam", card=SYNCSAM,
+                description="SyncSAM: frozen SAM ViT-B + ResNet-50 fused stage by stage, box prompt")
+def syncsam(in_channels: int, num_classes: int, *, sam_config: SamConfig | dict | None = None, resnet: str = "resnet50",
             box: tuple[float, float, float, float] | None = None) -> SyncSAM:
     """SyncSAM-50 by default (``resnet="resnet34"``: SyncSAM-34). ``box`` is a fixed default prompt
     (x0, y0, x1, y1 in input pixels) used when forward gets none; else the whole image."""
@@ -410,7 +404,4 @@ def syncsam(in_channels: int, num_classes: int, *, pretrained: bool | str = Fals
         cfg = sam_config or SamConfig()
     if box is not None and len(box) != 4:
         raise MedplanError(f"syncsam: box must be x0, y0, x1, y1, got {box!r}")
-    model = SyncSAM(in_channels, num_classes, replace(cfg), resnet=resnet, default_box=box)
-    if pretrained:
-        model.pretrained_report = load_syncsam_weights(model, pretrained, allow_partial)
-    return model
+    return SyncSAM(in_channels, num_classes, replace(cfg), resnet=resnet, default_box=box)

@@ -47,7 +47,6 @@ table: 59M (150 ADE20K classes, auxiliary FCN head included).
 """
 from __future__ import annotations
 
-import logging
 import math
 from typing import Sequence
 
@@ -58,12 +57,10 @@ from timm.layers import DropPath
 from torch import nn
 
 from medplan.architectures._init import init_weights
-from medplan.architectures.pretrained import load_weights, resolve_weights
+from medplan.architectures.card import ModelCard, ParamGroups, Weights, WeightsFile
 from medplan.architectures.registry import register_model
 from medplan.architectures.uperhead import BackboneUPerNet
 from medplan.errors import MedplanError
-
-log = logging.getLogger(__name__)
 
 TRANSNEXT_T_FILENAME = "transnext_tiny_224_1k.pth"
 TRANSNEXT_T_URL = "https://huggingface.co/DaiShiResearch/transnext-tiny-224-1k/resolve/main/transnext_tiny_224_1k.pth"
@@ -506,12 +503,34 @@ class TransNeXtUPerNet(BackboneUPerNet):
     """TransNeXt backbone + UPerHead; logits at the input resolution."""
 
 
-@register_model("transnext_t", description="TransNeXt-Tiny (aggregated attention) + UPerHead (Shi, CVPR 2024)",
-                paper_params_m=58.0, pretrained=True, family="transformer", weights_file=TRANSNEXT_T_FILENAME,
-                weights_url=TRANSNEXT_T_URL)
-def transnext_t(in_channels: int, num_classes: int, *, pretrained: bool | str = False, allow_partial: bool = False,
-                embed_dims: Sequence[int] = (72, 144, 288, 576), num_heads: Sequence[int] = (3, 6, 12, 24),
-                mlp_ratios: Sequence[float] = (8, 8, 4, 4), depths: Sequence[int] = (2, 2, 15, 2),
+#: the authors' paramwise_cfg custom_keys with decay_mult=0 (mmcv matches them as substrings of the full name;
+#: biases and the UPerHead's BatchNorm, named ``bn``, keep their weight decay)
+NO_DECAY_KEYS = ("query_embedding", "relative_pos_bias_local", "cpb", "temperature", "norm")
+WEIGHT_DECAY_DEVIATION = ("no weight decay on parameters named query_embedding, relative_pos_bias_local, cpb*, "
+                          "temperature or *norm* (the authors' paramwise_cfg custom_keys, decay_mult=0); other "
+                          "tensors use the plan's weight decay")
+
+
+def no_weight_decay(name: str, param: torch.Tensor | None = None) -> bool:
+    """The reference config's rule: any of :data:`NO_DECAY_KEYS` occurs in the parameter name."""
+    return any(key in name for key in NO_DECAY_KEYS)
+
+
+TRANSNEXT_T = ModelCard(
+    paper_params_m=58.0,
+    weights=Weights((WeightsFile(TRANSNEXT_T_FILENAME, TRANSNEXT_T_URL, target="backbone"),)),
+    param_groups=ParamGroups(no_weight_decay=no_weight_decay),
+    deviations=(WEIGHT_DECAY_DEVIATION,),
+    test_options={"embed_dims": [8, 16, 32, 64], "num_heads": [1, 2, 4, 8], "depths": [1, 1, 1, 1],
+                  "decoder_channels": 16},
+)
+
+
+@register_model("transnext_t", card=TRANSNEXT_T, family="transformer",
+                description="TransNeXt-Tiny (aggregated attention) + UPerHead (Shi, CVPR 2024)")
+def transnext_t(in_channels: int, num_classes: int, *, embed_dims: Sequence[int] = (72, 144, 288, 576),
+                num_heads: Sequence[int] = (3, 6, 12, 24), mlp_ratios: Sequence[float] = (8, 8, 4, 4),
+                depths: Sequence[int] = (2, 2, 15, 2),
                 sr_ratios: Sequence[int] = (8, 4, 2, 1), window_size: int = 3, drop_path_rate: float = 0.4,
                 pretrain_size: int = 224, decoder_channels: int = 512, with_cp: bool = False,
                 local_attention: str = "auto") -> nn.Module:
@@ -528,10 +547,4 @@ def transnext_t(in_channels: int, num_classes: int, *, pretrained: bool | str = 
     backbone = TransNeXt(in_channels, embed_dims, num_heads, mlp_ratios, depths, sr_ratios, window_size,
                          drop_path_rate=drop_path_rate, pretrain_size=pretrain_size, with_cp=with_cp,
                          core=local_attention)
-    model = TransNeXtUPerNet(backbone, num_classes, decoder_channels)
-    path = resolve_weights(pretrained, TRANSNEXT_T_FILENAME, url=TRANSNEXT_T_URL, model="transnext_t")
-    if path is not None:
-        report = load_weights(model.backbone, path, allow_partial=allow_partial)
-        log.info("transnext_t backbone: %s", report.summary())
-        model.pretrained_report = report.as_dict()
-    return model
+    return TransNeXtUPerNet(backbone, num_classes, decoder_channels)

@@ -22,7 +22,7 @@ training script's default (128, 160, 256) is U-KAN): 25.4M parameters (Table 1: 
 pretrained weights exist; the benchmark trains it from scratch (its only deviation).
 Deviation from the official code: ``encoder1`` takes ``in_channels`` (the official one is
 hard-wired to 3 input channels). Input sides that are not multiples of 32 are zero-padded
-inside ``forward`` and the logits cropped back.
+and the logits cropped back (the card's input contract, applied by ``build_model``).
 """
 from __future__ import annotations
 
@@ -35,6 +35,7 @@ from timm.layers import DropPath
 from torch import nn
 
 from medplan.architectures._init import init_weights
+from medplan.architectures.card import InputContract, ModelCard
 from medplan.architectures.registry import register_model
 from medplan.errors import MedplanError
 
@@ -258,10 +259,7 @@ class UKAN(nn.Module):
         self.final = nn.Conv2d(e[0] // 8, num_classes, kernel_size=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h0, w0 = x.shape[-2:]
-        pad_h, pad_w = (-h0) % self.multiple, (-w0) % self.multiple
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        """Logits for sides that are multiples of 32 (the input contract pads the others)."""
         # convolutional stages
         t1 = out = F.relu(F.max_pool2d(self.encoder1(x), 2, 2))
         t2 = out = F.relu(F.max_pool2d(self.encoder2(out), 2, 2))
@@ -291,12 +289,15 @@ class UKAN(nn.Module):
         out = _up(self.decoder3(out)) + t2
         out = _up(self.decoder4(out)) + t1
         out = _up(self.decoder5(out))
-        logits = self.final(out)
-        return logits[..., :h0, :w0] if (pad_h or pad_w) else logits
+        return self.final(out)
 
 
-@register_model("ukan_l", description="U-KAN-L (AAAI'25): conv stages + tokenized KAN blocks, trained from scratch",
-                paper_params_m=25.0, pretrained=False, family="kan")
+UKAN_L = ModelCard(paper_params_m=25.0, input=InputContract(pad_to_multiple=UKAN.multiple),
+                   test_options={"embed_dims": (16, 24, 32)})
+
+
+@register_model("ukan_l", card=UKAN_L, description="U-KAN-L (AAAI'25): conv stages + tokenized KAN blocks, trained "
+                "from scratch", family="kan")
 def ukan_l(in_channels: int, num_classes: int, *, embed_dims: Sequence[int] = (256, 320, 512),
            no_kan: bool = False, drop_rate: float = 0.0, drop_path_rate: float = 0.0) -> nn.Module:
     return UKAN(num_classes, in_channels, embed_dims=embed_dims, no_kan=no_kan, drop_rate=drop_rate,

@@ -10,14 +10,15 @@ Two modern deviations, as in most re-implementations used for benchmarks: the 3x
 convolutions are padded (``padding=1``), so the logits have the input's size and no
 cropping of skips is needed; and each convolution is followed by BatchNorm + ReLU (the
 convolution then has no bias). Inputs whose sides are not multiples of ``2**depth`` are
-zero-padded inside ``forward`` and the logits cropped back, so any size works.
+zero-padded and the logits cropped back (the card's input contract, applied by ``build_model``),
+so any size works.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from medplan.architectures.card import InputContract, ModelCard
 from medplan.architectures.registry import register_model
 from medplan.errors import MedplanError
 
@@ -70,26 +71,28 @@ class UNet(nn.Module):
         return y
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        multiple = 2**self.depth
-        pad_h, pad_w = (-h) % multiple, (-w) % multiple
-        if pad_h or pad_w:
-            x = F.pad(x, (0, pad_w, 0, pad_h))
+        """Logits for sides that are multiples of ``2**depth`` (the input contract pads the others)."""
         skips = [self.inc(x)]
         for down in self.down:
             skips.append(down(skips[-1]))
         y = self.bottleneck(skips.pop())
         for up in self.up:
             y = up(y, skips.pop())
-        logits = self.head(y)
-        return logits[..., :h, :w] if (pad_h or pad_w) else logits
+        return self.head(y)
 
 
-@register_model("unet", description="U-Net (Ronneberger 2015), BatchNorm, padded convs", paper_params_m=31.0, family="cnn")
+#: every max-pooling halves the map: sides must be multiples of 2**depth
+UNET_INPUT = InputContract(pad_to_multiple=lambda model: 2**model.depth)
+UNET = ModelCard(paper_params_m=31.0, input=UNET_INPUT, test_options={"base_channels": 4, "depth": 3})
+UNET_SMALL = ModelCard(input=UNET_INPUT, test_options={"base_channels": 4, "depth": 3})
+
+
+@register_model("unet", card=UNET, description="U-Net (Ronneberger 2015), BatchNorm, padded convs", family="cnn")
 def unet(in_channels: int, num_classes: int, *, base_channels: int = 64, depth: int = 4) -> nn.Module:
     return UNet(in_channels, num_classes, base_channels=base_channels, depth=depth)
 
 
-@register_model("unet_small", description="U-Net with 16 base channels (CPU demo and tests)", family="cnn")
+@register_model("unet_small", card=UNET_SMALL, description="U-Net with 16 base channels (CPU demo and tests)",
+                family="cnn")
 def unet_small(in_channels: int, num_classes: int, *, base_channels: int = 16, depth: int = 4) -> nn.Module:
     return UNet(in_channels, num_classes, base_channels=base_channels, depth=depth)

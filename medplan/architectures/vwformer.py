@@ -23,8 +23,9 @@ Configuration: ``channels=512``, ``dropout_ratio=0.1``, ``nheads=1`` and ``short
 values of the reference's ``configs/_base_/models/vw_convnext.py`` / ``vw_swin.py`` and what the
 benchmark paper chose ("we solved incomplete configuration details by setting nheads=1 and
 enabling shortcuts"). The query grid is fixed at 8 x 8 windows on the stride-8 map, so the input
-is zero-padded (bottom/right) to a multiple of 64 and the logits cropped back; at the paper's
-512 x 512 nothing is padded.
+is zero-padded (bottom/right) to a multiple of 64 and the logits cropped back (the card's input
+contract, applied by ``build_model``; mmseg's ``size_divisor``); at the paper's 512 x 512 nothing
+is padded.
 
 Backbones:
 
@@ -41,10 +42,22 @@ Backbones:
   the reference (mmcls names it ``norm3``), ``norm0``..``norm2`` start fresh.
   timm's ``features_only`` wrapper is not used: it renames the modules (``stem_0``) and has no
   per-output norms.
+
+Optimizer groups (the model cards): ``vwformer_mit_b3`` - the VWFormer repository has no MiT
+config; VWFormer replaces SegFormer's decoder and is trained as SegFormer, so SegFormer's groups
+apply (an assumption, recorded). ``vwformer_convnext_s`` - the reference config
+(``vw_convnext_small_*``) builds AdamW with mmseg's ``LearningRateDecayOptimizerConstructor``
+(``decay_type='stage_wise'``, ``decay_rate=0.9``, ``num_layers=12``): stem and downsampling
+layers get 0.9^13 of the LR, stage ``i`` 0.9^(12 - i), everything else (output norms, head) the
+full LR; 1-D tensors and biases get no weight decay. The LR itself, its schedule, the weight
+decay value and everything else follow the plan (the reference configs' LR 6e-5/1e-4, poly
+schedule with warm-up and weight decay 0.05 for ConvNeXt are replaced by the paper's unified
+protocol). Drop-path rates are the models' defaults (MiT 0.1, ConvNeXt-S 0.4, from the same configs).
 """
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from typing import Sequence
 
 import torch
@@ -53,10 +66,10 @@ from timm.layers import LayerNorm2d
 from timm.models.convnext import ConvNeXt
 from torch import nn
 
+from medplan.architectures.card import InputContract, LayerDecay, ModelCard, ParamGroups, Weights, WeightsFile
 from medplan.architectures.registry import register_model
 from medplan.architectures.segformer import (
-    CLASSIFIER_KEYS, MIT_B3_FILENAME, MIT_B3_HUB, MIT_B3_URL, _int_list, build_mit, check_drop_path,
-    load_encoder_weights, resolve_encoder_weights,
+    MIT_B3_WEIGHTS, SEGFORMER_DEVIATION, _int_list, build_mit, check_drop_path, segformer_param_groups,
 )
 from medplan.errors import MedplanError
 
@@ -318,13 +331,9 @@ class VWFormer(nn.Module):
         self.pretrained_report: dict | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        ph, pw = -h % SIZE_DIVISOR, -w % SIZE_DIVISOR
-        if ph or pw:  # the 8 x 8 query windows need a multiple of 64 (mmseg's size_divisor padding)
-            x = F.pad(x, (0, pw, 0, ph))
+        """Logits for sides that are multiples of 64 (the 8 x 8 query windows; the input contract pads)."""
         logits = self.decode_head(self.backbone(x))
-        logits = F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
-        return logits[..., :h, :w] if (ph or pw) else logits
+        return F.interpolate(logits, size=x.shape[-2:], mode="bilinear", align_corners=False)
 
 
 def _head_options(name: str, channels: int, nheads: int, short_cut: bool) -> dict:
@@ -335,42 +344,78 @@ def _head_options(name: str, channels: int, nheads: int, short_cut: bool) -> dic
     return {"channels": channels, "nheads": nheads, "short_cut": short_cut}
 
 
-@register_model("vwformer_mit_b3", description="VWFormer (ICLR'24): varying-window attention head on MiT-B3",
-                paper_params_m=51.0, pretrained=True, family="transformer")
-def vwformer_mit_b3(in_channels: int, num_classes: int, *, pretrained: bool | str = False, allow_partial: bool = False,
-                    drop_path_rate: float = 0.1, channels: int = 512, nheads: int = 1, short_cut: bool = True,
-                    embed_dims: Sequence[int] | None = None, depths: Sequence[int] | None = None,
-                    num_heads: Sequence[int] | None = None) -> VWFormer:
+# ---------------------------------------------------------------------------- cards
+VW_MIT_DEVIATION = (SEGFORMER_DEVIATION + "; assumed for VWFormer on MiT-B3, whose configuration the VWFormer "
+                    "repository does not include")
+CONVNEXT_DECAY_RATE = 0.9
+CONVNEXT_NUM_LAYERS = 12
+CONVNEXT_DEVIATION = ("AdamW parameter groups of the VWFormer ConvNeXt config (mmseg "
+                      "LearningRateDecayOptimizerConstructor, stage_wise, decay_rate 0.9, num_layers 12): stem and "
+                      "downsampling x0.9^13, stage i x0.9^(12-i), head and output norms x1; no weight decay for "
+                      "biases and 1-D tensors")
+#: the 8 x 8 query windows on the stride-8 map
+VWFORMER_INPUT = InputContract(pad_to_multiple=SIZE_DIVISOR)
+VW_TEST_HEAD = {"channels": 64}
+
+
+def convnext_stage_id(name: str, max_stage_id: int) -> int:
+    """mmseg's ``get_stage_id_for_convnext`` on timm's names (``stem`` / ``stages.i.downsample`` are
+    mmcls' ``downsample_layers``)."""
+    if name.startswith("backbone.stem.") or re.match(r"backbone\.stages\.\d+\.downsample\.", name):
+        return 0
+    if m := re.match(r"backbone\.stages\.(\d+)\.", name):
+        return int(m[1]) + 1
+    return max_stage_id - 1
+
+
+def bias_or_1d(name: str, param: torch.Tensor) -> bool:
+    """mmseg's no-decay rule of the LearningRateDecayOptimizerConstructor: 1-D tensors and biases."""
+    return param.ndim == 1 or name.endswith(".bias")
+
+
+VWFORMER_MIT_B3 = ModelCard(
+    paper_params_m=51.0,
+    weights=Weights((replace(MIT_B3_WEIGHTS, target="backbone"),)),
+    input=VWFORMER_INPUT,
+    param_groups=segformer_param_groups("backbone"),
+    deviations=(VW_MIT_DEVIATION,),
+    test_options={"embed_dims": [8, 16, 32, 32], "depths": [1, 1, 1, 1], "num_heads": [1, 1, 2, 2], **VW_TEST_HEAD},
+)
+VWFORMER_CONVNEXT_S = ModelCard(
+    paper_params_m=57.0,
+    weights=Weights((WeightsFile(CONVNEXT_S_FILENAME, CONVNEXT_S_URL, target="backbone", key_map=convnext_key_map,
+                                 ignore_missing=CONVNEXT_IGNORE_MISSING, hub_repo=CONVNEXT_S_HUB),)),
+    input=VWFORMER_INPUT, param_groups=ParamGroups(no_weight_decay=bias_or_1d,
+                             layer_decay=LayerDecay(CONVNEXT_DECAY_RATE, CONVNEXT_NUM_LAYERS, convnext_stage_id)),
+    deviations=(CONVNEXT_DEVIATION,), test_options={"dims": [8, 16, 32, 64], "depths": [1, 1, 1, 1], **VW_TEST_HEAD},
+)
+
+
+@register_model("vwformer_mit_b3", card=VWFORMER_MIT_B3, family="transformer",
+                description="VWFormer (ICLR'24): varying-window attention head on MiT-B3")
+def vwformer_mit_b3(in_channels: int, num_classes: int, *, drop_path_rate: float = 0.1, channels: int = 512,
+                    nheads: int = 1, short_cut: bool = True, embed_dims: Sequence[int] | None = None,
+                    depths: Sequence[int] | None = None, num_heads: Sequence[int] | None = None) -> VWFormer:
     """VW-MiT: MiT-B3 (SegFormer's encoder, drop path 0.1) + VWHead (512 channels, 1 head, shortcuts);
     ``embed_dims``/``depths``/``num_heads`` exist for tiny test models."""
     name = "vwformer_mit_b3"
     head = _head_options(name, channels, nheads, short_cut)
-    path = resolve_encoder_weights(pretrained, MIT_B3_FILENAME, url=MIT_B3_URL, model=name, hub_repo=MIT_B3_HUB)
     backbone = build_mit(in_channels, embed_dims=embed_dims, depths=depths, num_heads=num_heads,
                          drop_path_rate=check_drop_path(drop_path_rate, name), name=name)
-    model = VWFormer(backbone, num_classes, **head)
-    load_encoder_weights(model, model.backbone, path, name=name, ignore_missing=CLASSIFIER_KEYS,
-                         allow_partial=allow_partial)
-    return model
+    return VWFormer(backbone, num_classes, **head)
 
 
-@register_model("vwformer_convnext_s", description="VWFormer (ICLR'24): varying-window attention head on ConvNeXt-S",
-                paper_params_m=57.0, pretrained=True, family="cnn")
-def vwformer_convnext_s(in_channels: int, num_classes: int, *, pretrained: bool | str = False,
-                        allow_partial: bool = False, drop_path_rate: float = 0.4, channels: int = 512, nheads: int = 1,
-                        short_cut: bool = True, dims: Sequence[int] | None = None,
+@register_model("vwformer_convnext_s", card=VWFORMER_CONVNEXT_S, family="cnn",
+                description="VWFormer (ICLR'24): varying-window attention head on ConvNeXt-S")
+def vwformer_convnext_s(in_channels: int, num_classes: int, *, drop_path_rate: float = 0.4, channels: int = 512,
+                        nheads: int = 1, short_cut: bool = True, dims: Sequence[int] | None = None,
                         depths: Sequence[int] | None = None) -> VWFormer:
     """VW-ConvNeXt: ConvNeXt-S (timm; drop path 0.4, layer scale 1.0 as the reference config) + VWHead
     (512 channels, 1 head, shortcuts); ``dims``/``depths`` exist for tiny test models."""
     name = "vwformer_convnext_s"
     head = _head_options(name, channels, nheads, short_cut)
-    path = resolve_encoder_weights(pretrained, CONVNEXT_S_FILENAME, url=CONVNEXT_S_URL, model=name,
-                                   hub_repo=CONVNEXT_S_HUB)
     backbone = ConvNeXtBackbone(
         in_channels, depths=CONVNEXT_S["depths"] if depths is None else _int_list(depths, "depths", name, 4),
         dims=CONVNEXT_S["dims"] if dims is None else _int_list(dims, "dims", name, 4),
         drop_path_rate=check_drop_path(drop_path_rate, name))
-    model = VWFormer(backbone, num_classes, **head)
-    load_encoder_weights(model, model.backbone, path, name=name, key_map=convnext_key_map,
-                         ignore_missing=CONVNEXT_IGNORE_MISSING, allow_partial=allow_partial)
-    return model
+    return VWFormer(backbone, num_classes, **head)

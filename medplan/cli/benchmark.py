@@ -16,16 +16,29 @@ from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
 
 from medplan.cli import entry_point
+from medplan.cli.train import parse_model_options
 from medplan.errors import MedplanError
+from medplan.names import check_names
+from medplan.study import (
+    JOBS_DIR,
+    SlurmOptions,
+    Study,
+    check_study,
+    dry_run,
+    format_dry_run,
+    format_status,
+    load_study,
+    make_backend,
+    run_study,
+    status_rows,
+    study_path,
+)
 
 
 def _model_options(items: list[str] | None, archs: list[str]) -> dict[str, dict]:
     """``ARCH:key=value`` (one architecture) or ``key=value`` (every architecture of the study)."""
-    from medplan.cli.train import parse_model_options
-
     out: dict[str, dict] = {}
     for item in items or []:
         head, sep, rest = item.partition(":")
@@ -74,12 +87,8 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_study(args: argparse.Namespace) -> Any:
+def make_study(args: argparse.Namespace) -> Study:
     """A new study from -d/-a (keeping the job records of an existing one), or the saved one."""
-    from medplan.study import SlurmOptions, Study, load_study, study_path
-
-    from medplan.names import check_names
-
     if bool(args.datasets) != bool(args.archs):
         raise MedplanError("give both --datasets and --archs for a new study, or neither to use the saved one")
     if args.datasets:
@@ -118,33 +127,31 @@ def make_study(args: argparse.Namespace) -> Any:
 
 @entry_point("medplan_benchmark")
 def main(argv: list[str] | None = None) -> int:
-    from medplan import study as st
-
     args = build_parser().parse_args(argv)
     if args.status and not args.datasets:
-        study = st.load_study()
+        study = load_study()
         backend = None
         if study.executor != "inline":
             try:
-                backend = st.make_backend(study, st.study_path().parent / st.JOBS_DIR / study.executor)
+                backend = make_backend(study, study_path().parent / JOBS_DIR / study.executor)
             except MedplanError:
                 backend = None  # the queue is out of reach: files only
-        print(st.format_status(st.status_rows(study, backend)))
+        print(format_status(status_rows(study, backend)))
         return 0
     study = make_study(args)
-    st.check_study(study)
+    check_study(study)
     if args.dry_run:
-        jobs, total = st.dry_run(study)
-        print(st.format_dry_run(jobs, total, study))
+        jobs, total = dry_run(study)
+        print(format_dry_run(jobs, total, study))
         return 0
     if args.status:
-        print(st.format_status(st.status_rows(study)))
+        print(format_status(status_rows(study)))
         return 0
-    result = st.run_study(study, wait=not args.no_wait, poll_s=args.poll)
+    result = run_study(study, wait=not args.no_wait, poll_s=args.poll)
     if args.no_wait and study.executor == "slurm":
         print(f"submitted {len(result.submitted)} job(s); follow them with medplan_benchmark --status")
         return 0
-    print(st.format_status(st.status_rows(study)))
+    print(format_status(status_rows(study)))
     if result.failed:
         for key, why in result.failed.items():
             print(f"medplan_benchmark: {key} failed after {study.retries + 1} attempt(s): {why}", file=sys.stderr)

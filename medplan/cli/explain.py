@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 
 from medplan.cli import entry_point
+from medplan.explain import ExplainRequest, explain
 
 
 def _fold(value: str) -> int | str:
@@ -49,9 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", help="write here instead of the results folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
-
-    from medplan.explain import ExplainRequest, explain
-
     request = ExplainRequest(dataset=args.dataset, archs=_names(args.arch), folds=args.folds, worst=args.worst,
                              cases=_names(args.case) or None, images=args.images, target=args.target,
                              layer=args.layer, mean_over_folds=args.mean_over_folds, checkpoint=args.checkpoint,

@@ -5,8 +5,9 @@ import argparse
 
 from medplan.cli import entry_point
 from medplan.errors import MedplanError
-from medplan.inference import CHECKPOINTS, predict_folder
+from medplan.inference import predict_folder
 from medplan.paths import results_dir
+from medplan.rundir import CHECKPOINTS
 
 
 def _fold(value: str) -> int | str:

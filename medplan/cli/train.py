@@ -12,8 +12,13 @@ import json
 import os
 import sys
 
+import torch
+
+from medplan.architectures import get_entry, is_model
 from medplan.cli import entry_point
 from medplan.errors import MedplanError
+from medplan.trainers import prepare, train
+from medplan.trainers.distributed import cleanup, relaunch_with_torchrun
 
 
 def parse_model_options(items: list[str] | None) -> dict:
@@ -65,8 +70,6 @@ def run_overrides(args: argparse.Namespace) -> dict:
 def weight_options(args: argparse.Namespace, arch: str, model_options: dict) -> dict:
     """The run's ``pretrained``/``allow_partial`` model options from ``--pretrained PATH``,
     ``--no-pretrained`` and ``--allow-partial``."""
-    from medplan.architectures import get_entry, is_model
-
     options = dict(model_options)
     flag = (os.path.abspath(os.path.expanduser(args.pretrained)) if args.pretrained is not None
             else (False if args.no_pretrained else None))  # an absolute path in config.json
@@ -106,16 +109,12 @@ def maybe_relaunch(args: argparse.Namespace, argv: list[str], module: str, check
     if args.num_gpus == 1 or "WORLD_SIZE" in os.environ:
         return None
     if args.device != "cpu":
-        import torch
-
         available = torch.cuda.device_count()
         if available < args.num_gpus:
             raise MedplanError(f"--num-gpus {args.num_gpus}: only {available} CUDA device(s) visible "
                                "(use --device cpu for a CPU test run)")
     if check is not None:
         check()
-    from medplan.trainers.distributed import relaunch_with_torchrun
-
     return relaunch_with_torchrun(args.num_gpus, module, strip_num_gpus(argv))
 
 
@@ -140,8 +139,6 @@ def launch(args: argparse.Namespace, argv: list[str], module: str, overrides: di
     torchrun for ``--num-gpus N``; returns the exit code if relaunched, None to run here."""
 
     def check() -> None:
-        from medplan.trainers import prepare
-
         prepare(args.dataset, args.arch, args.fold, overrides=overrides, model_options=model_options)
 
     return maybe_relaunch(args, argv, module, check)
@@ -157,9 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     code = launch(args, argv, "medplan.cli.train", overrides, model_options)
     if code is not None:
         return code
-    from medplan.trainers import train
-    from medplan.trainers.distributed import cleanup
-
     try:
         train(args.dataset, args.arch, args.fold, continue_training=args.continue_training,
               overrides=overrides, model_options=model_options)

@@ -16,6 +16,7 @@ import numpy as np
 from medplan.errors import MedplanError
 from medplan.io import case_stem, is_image_file, read_image
 from medplan.io import read_label as io_read_label
+from medplan.registry import Registry
 
 # Folders that never belong to a download: our own import target and temporary folders.
 SKIP_DIR_NAMES = {"medplan", "__MACOSX", "__pycache__"}
@@ -294,6 +295,7 @@ class Importer:
     name: str = ""
     default_name: str = ""  # dataset name when -d is not given
     description: str = ""
+    generic: bool = False  # detects almost any folder: tried after every specific layout
 
     def detect(self, path: Path) -> bool:
         """Whether ``path`` (or a folder up to two levels below) holds this layout."""
@@ -304,11 +306,30 @@ class Importer:
         raise NotImplementedError
 
 
-FORMATS: dict[str, Importer] = {}
+IMPORTER_ENTRY_POINT_GROUP = "medplan.importers"
+#: the built-in formats, in detection order (most specific first)
+BUILTIN_IMPORTERS = tuple(f"medplan.datasets.{m}" for m in ("camus", "isic2018", "neopolyp", "busi", "polyp", "folder"))
+
+
+def _importer_from_plugin(name: str, obj: Any) -> Importer:
+    importer = obj() if isinstance(obj, type) and issubclass(obj, Importer) else obj
+    if not isinstance(importer, Importer):
+        raise TypeError(f"importer plug-in {name!r} is not an Importer subclass: {obj!r}")
+    if importer.name != name:
+        raise TypeError(f"importer plug-in {name!r} names its format {importer.name!r}; the entry point must use "
+                        "the same name")
+    return importer
+
+
+#: format name -> importer, in detection order; third-party formats register through the
+#: ``medplan.importers`` entry-point group (an Importer subclass named like the entry point)
+FORMATS: Registry[Importer] = Registry("format", group=IMPORTER_ENTRY_POINT_GROUP, builtins=BUILTIN_IMPORTERS,
+                                       identity=type, from_plugin=_importer_from_plugin)
 
 
 def register(cls: type[Importer]) -> type[Importer]:
-    FORMATS[cls.name] = cls()
+    """Class decorator: registers an instance of the importer under its ``name``."""
+    FORMATS.add(cls.name, cls())
     return cls
 
 

@@ -64,6 +64,7 @@ def find_folders(source: Path, images: str | Path | None, masks: str | Path | No
 class Folder(Importer):
     name = "folder"
     default_name = ""
+    generic = True  # any images/ + masks/ pair: detected last
     description = "any images/ + masks/ folders matched by stem (--map VALUE:CLASS,...)"
 
     def detect(self, path: Path) -> bool:

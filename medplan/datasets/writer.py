@@ -326,12 +326,13 @@ def _write_cases_csv(path: Path, rows: list[dict[str, Any]]) -> None:
 def detect_format(path: str | Path) -> str | None:
     """Which official download layout ``path`` holds (``camus``, ``isic2018``, ...), or None.
 
-    Formats are tried from the most specific to the most generic (``folder`` last).
+    Formats are tried from the most specific to the most generic (``folder`` last): the
+    built-ins in their order, then plug-ins, then generic ones.
     """
     path = Path(path).expanduser()
     if not path.is_dir():
         return None
-    for fmt, importer in FORMATS.items():
+    for fmt, importer in sorted(FORMATS.items(), key=lambda kv: kv[1].generic):  # stable: order kept otherwise
         if importer.detect(path):
             return fmt
     return None
@@ -348,7 +349,7 @@ def _resolve_format(fmt: str, source: Path) -> str:
             raise MedplanError(f"no known download layout found (known formats: {', '.join(FORMATS)})", source)
         return detected
     if key not in FORMATS:
-        raise MedplanError(f"unknown format {fmt!r}; known formats: {', '.join(FORMATS)}, auto")
+        raise MedplanError(f"unknown format {fmt!r}{FORMATS.suggest(fmt)}; known formats: {', '.join(FORMATS)}, auto")
     return key
 
 

@@ -4,6 +4,7 @@ from medplan.evaluation.metrics import (
     confusion_counts,
     logits_to_labels,
     logits_to_probs,
+    probabilities_to_labels,
     summarize,
     summary_dict,
 )
@@ -13,6 +14,7 @@ __all__ = [
     "confusion_counts",
     "logits_to_labels",
     "logits_to_probs",
+    "probabilities_to_labels",
     "summarize",
     "summary_dict",
 ]

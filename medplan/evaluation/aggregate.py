@@ -24,9 +24,12 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from medplan import rundir
 from medplan.errors import MedplanError
-from medplan.io import atomic_write_json, read_json
+from medplan.evaluation.evaluate import evaluate_fold
+from medplan.io import atomic_write_json
 from medplan.names import check_name, check_names, inside, is_valid_name
+from medplan.rundir import FOLD_PREFIX, SUMMARY, RunDir, fold_dirs, fold_of
 
 METRICS = ("mDSC", "mIoU", "mRec", "mPrec")
 DEFAULT_N_FOLDS = 5
@@ -53,7 +56,7 @@ def model_path(results_root: str | Path | None, dataset: str, arch: str) -> Path
 
 
 def is_model_dir(path: Path) -> bool:
-    return path.is_dir() and any(p.is_dir() and p.name.startswith("fold_") for p in path.iterdir())
+    return rundir.is_model_dir(path)
 
 
 def model_dirs(results_root: str | Path | None = None, datasets: Iterable[str] | None = None,
@@ -84,13 +87,12 @@ def model_dirs(results_root: str | Path | None = None, datasets: Iterable[str] |
 
 def model_plan(model_dir: Path, dataset: str) -> dict | None:
     """The plan a model was trained with: any fold's config.json, else the dataset's plans.json."""
-    for fold_dir in sorted(model_dir.glob("fold_*")):
-        path = fold_dir / "config.json"
-        if path.is_file():
-            plan = read_json(path).get("plan")
-            if isinstance(plan, dict) and "labels" in plan:
-                return plan
+    for run in fold_dirs(model_dir):
+        plan = run.plan()
+        if plan is not None and "labels" in plan:
+            return plan
     try:
+        # pipeline sits above evaluation's inputs: imported only for a model without config.json
         from medplan.pipeline import load_plan
 
         return load_plan(dataset)
@@ -131,31 +133,28 @@ def _summary_metrics(summary: dict, at_input_size: bool) -> dict | None:
 def model_table(dataset: str, arch: str, *, results_root: str | Path | None = None, recompute: bool = False,
                 at_input_size: bool = False, progress: bool = False) -> pd.DataFrame:
     """One row per expected fold of one model (missing folds included, status ``missing``)."""
-    from medplan.evaluation.evaluate import evaluate_fold, fold_has_predictions
-
     model_dir = model_path(results_root, dataset, arch)
     if not is_model_dir(model_dir):
         raise MedplanError("no fold_K/ folders: not a trained model folder", model_dir)
     plan = model_plan(model_dir, dataset)
     n_folds = int(((plan or {}).get("split") or {}).get("n_folds") or DEFAULT_N_FOLDS)
     expected: list[Any] = list(range(n_folds))
-    extra = sorted({int(p.name[5:]) for p in model_dir.glob("fold_*") if p.name[5:].isdigit()} - set(expected))
+    extra = sorted({int(r.fold) for r in fold_dirs(model_dir, numbered=True)} - set(expected))
     expected += extra  # a fold beyond the plan's count is shown rather than ignored
     results: dict[Any, tuple[dict, str, str]] = {}
     for fold in expected:
-        fold_dir = model_dir / f"fold_{fold}"
-        summary_path = fold_dir / "validation" / "summary.json"
+        run = RunDir(model_dir / f"{FOLD_PREFIX}{fold}")
         metrics = None
-        if summary_path.is_file() and not recompute:
-            metrics = _summary_metrics(read_json(summary_path), at_input_size)
+        if run.summary_path.is_file() and not recompute:
+            metrics = _summary_metrics(run.summary(), at_input_size)
             if metrics is not None:
                 where = "original_size"
                 if at_input_size:
                     size = (plan or {}).get("input_size")
                     where = f"input_size {size[0]}x{size[1]}" if size else "input_size"
-                results[fold] = (metrics, "summary.json", where)
-        if metrics is None and (fold_has_predictions(fold_dir) if fold_dir.is_dir() else False):
-            metrics = evaluate_fold(fold_dir, plan, at_input_size=at_input_size, progress=progress)
+                results[fold] = (metrics, SUMMARY, where)
+        if metrics is None and (run.has_predictions() if run.path.is_dir() else False):
+            metrics = evaluate_fold(run.path, plan, at_input_size=at_input_size, progress=progress)
             results[fold] = (metrics, "recomputed", metrics["evaluated_at"])
     names = _class_names(plan, [r[0] for r in results.values()])
     rows = []
@@ -292,7 +291,7 @@ def gather_all_folds(results_root: str | Path | None = None, *, recompute: bool 
 
 # ---------------------------------------------------------------------------- pointing game (medplan_explain)
 #: per-case Grad-CAM energy inside the GT, written by medplan.explain
-POINTING_GAME_FILES = ("fold_*/explain/pointing_game.csv", "explain_mean/pointing_game.csv")
+POINTING_GAME_FILES = (f"{FOLD_PREFIX}*/explain/pointing_game.csv", "explain_mean/pointing_game.csv")
 
 
 def gather_pointing_game(results_root: str | Path | None = None, *, datasets: Iterable[str] | None = None,
@@ -325,11 +324,11 @@ def pointing_game_summary(df: pd.DataFrame) -> pd.DataFrame:
     if df.empty:
         return pd.DataFrame(columns=cols)
     df = df.assign(fold=df["maps"].astype(str), maps=df["maps"].astype(str).map(
-        lambda m: "fold" if m.startswith("fold_") else m))
+        lambda m: "fold" if fold_of(m) is not None else m))
     rows = []
     for key, g in df.groupby(["dataset", "arch", "maps", "target", "class_index", "class"], sort=True):
         e = pd.to_numeric(g["energy_in_gt"], errors="coerce").dropna()
-        folds = sorted({f[len("fold_"):] for f in g["fold"] if f.startswith("fold_")}, key=_fold_key)
+        folds = sorted({fold_of(f) for f in g["fold"] if fold_of(f) is not None}, key=_fold_key)
         rows.append({**dict(zip(cols[:6], key)), "folds": " ".join(folds), "n_cases": int(len(e)),
                      "mean_energy_in_gt": float(e.mean()) if len(e) else np.nan,
                      "sd_energy_in_gt": float(e.std(ddof=1)) if len(e) > 1 else np.nan,

@@ -23,20 +23,22 @@ import pandas as pd
 
 from medplan.errors import MedplanError
 from medplan.evaluation.aggregate import _fold_key, _results_root, is_model_dir, model_path, model_plan
-from medplan.io import atomic_write_bytes, atomic_write_json, read_json
+from medplan.io import atomic_write_bytes, atomic_write_json
+from medplan.evaluation.evaluate import evaluate_fold
 from medplan.names import check_fold, check_name, inside
+from medplan.rundir import FOLD_PREFIX, RunDir, fold_dirs
+
+#: per fold, the n worst validation cases (read by medplan_explain --worst)
+WORST_CASES = "worst_cases.csv"
 
 
-def _per_case_of_fold(fold_dir: Path, plan: dict | None, recompute: bool) -> dict[str, dict] | None:
-    from medplan.evaluation.evaluate import evaluate_fold, fold_has_predictions
-
-    path = fold_dir / "validation" / "summary.json"
-    if path.is_file() and not recompute:
-        per_case = read_json(path).get("per_case")
-        if isinstance(per_case, dict) and per_case:
-            return per_case
-    if fold_has_predictions(fold_dir):
-        return evaluate_fold(fold_dir, plan)["per_case"]
+def _per_case_of_fold(run: RunDir, plan: dict | None, recompute: bool) -> dict[str, dict] | None:
+    summary = run.summary(required=False) if not recompute else None
+    per_case = summary.get("per_case") if isinstance(summary, dict) else None
+    if isinstance(per_case, dict) and per_case:
+        return per_case
+    if run.has_predictions():
+        return evaluate_fold(run.path, plan)["per_case"]
     return None
 
 
@@ -48,17 +50,17 @@ def per_case_table(dataset: str, arch: str, *, folds: Sequence[int | str] | None
     if not is_model_dir(model_dir):
         raise MedplanError("no fold_K/ folders: not a trained model folder", model_dir)
     plan = model_plan(model_dir, dataset)
-    fold_dirs = ([model_dir / f"fold_{check_fold(f)}" for f in folds] if folds else
-                 sorted((p for p in model_dir.glob("fold_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:])))
+    runs = ([RunDir(model_dir / f"{FOLD_PREFIX}{check_fold(f)}") for f in folds] if folds else
+            fold_dirs(model_dir, numbered=True))
     rows = []
-    for fold_dir in fold_dirs:
-        per_case = _per_case_of_fold(fold_dir, plan, recompute) if fold_dir.is_dir() else None
+    for run in runs:
+        per_case = _per_case_of_fold(run, plan, recompute) if run.path.is_dir() else None
         if per_case is None:
             if folds:
-                raise MedplanError("fold has no validation results", fold_dir / "validation" / "summary.json")
+                raise MedplanError("fold has no validation results", run.summary_path)
             continue
         for case_id, values in per_case.items():
-            row: dict[str, Any] = {"fold": fold_dir.name[5:], "case_id": case_id}
+            row: dict[str, Any] = {"fold": run.fold, "case_id": case_id}
             row.update({m: np.nan if values.get(m) is None else float(values[m]) for m in ("mDSC", "mIoU", "mRec", "mPrec")})
             for name, d in (values.get("dice") or {}).items():
                 row[f"dice:{name}"] = np.nan if d is None else float(d)
@@ -191,7 +193,7 @@ def worst_cases(dataset: str, arch: str, n: int = 50, *, folds: Sequence[int | s
     for fold, g in sorted(table.groupby("fold"), key=lambda kv: _fold_key(kv[0])):
         worst = g.sort_values(["mDSC", "case_id"], na_position="first").head(n).drop(columns="fold")
         worst.insert(0, "rank", range(1, len(worst) + 1))
-        outputs.append((model_dir / f"fold_{fold}" / "worst_cases.csv", worst.to_csv(index=False).encode()))
+        outputs.append((RunDir(model_dir / f"{FOLD_PREFIX}{fold}").file(WORST_CASES), worst.to_csv(index=False).encode()))
     for path, data in outputs:
         atomic_write_bytes(path, data)
     return [p for p, _ in outputs]

@@ -23,6 +23,7 @@ from medplan.errors import MedplanError
 from medplan.evaluation.metrics import MetricAccumulator, summary_dict
 from medplan.io import atomic_write_json, case_stem, is_image_file, read_json, read_label
 from medplan.names import check_names
+from medplan.rundir import SUMMARY, RunDir
 
 Pair = tuple[str, Path, Path]  # case id, prediction, ground truth
 
@@ -237,13 +238,12 @@ def evaluate_folders(pred_dir: str | Path, gt_dir: str | Path, labels: int | Seq
 
 # ---------------------------------------------------------------------------- one trained fold
 def fold_config(fold_dir: str | Path) -> dict:
-    path = Path(fold_dir) / "config.json"
-    return read_json(path) if path.is_file() else {}
+    """The fold's config.json (``{}`` when there is none)."""
+    return RunDir(fold_dir).config()
 
 
 def fold_has_predictions(fold_dir: str | Path) -> bool:
-    vdir = Path(fold_dir) / "validation"
-    return vdir.is_dir() and any(p.suffix == ".png" for p in vdir.iterdir())
+    return RunDir(fold_dir).has_predictions()
 
 
 def raw_dir_for(dataset: str, plan: dict | None = None) -> Path:
@@ -277,21 +277,21 @@ def evaluate_fold(fold_dir: str | Path, plan: dict | None = None, *, at_input_si
     The cases are the fold's validation cases (config.json ``val_cases``, else the files
     present); a validation case without its label map is an error, not a smaller fold.
     """
-    fold_dir = Path(fold_dir)
-    config = fold_config(fold_dir)
+    run = RunDir(fold_dir)
+    config = run.config()
     plan = plan or config.get("plan")
     if not plan:
-        raise MedplanError("no plan (config.json missing or without 'plan')", fold_dir / "config.json")
-    dataset = plan.get("dataset") or config.get("dataset") or fold_dir.parent.parent.name
+        raise MedplanError("no plan (config.json missing or without 'plan')", run.config_path)
+    dataset = plan.get("dataset") or config.get("dataset") or run.path.parent.parent.name
     gt_dir = raw_dir_for(dataset, plan) / "labels"
-    vdir = fold_dir / "validation"
+    vdir = run.validation
     if not vdir.is_dir():
         raise MedplanError("no validation predictions (the fold is not trained to the end)", vdir)
     cases = config.get("val_cases") or None
     if cases is not None:  # ids from a file become file names below: checked first
         if not isinstance(cases, list):
-            raise MedplanError("'val_cases' must be a list of case ids", fold_dir / "config.json")
-        check_names(cases, "case id in 'val_cases'", fold_dir / "config.json")
+            raise MedplanError("'val_cases' must be a list of case ids", run.config_path)
+        check_names(cases, "case id in 'val_cases'", run.config_path)
     pairs = match_folders(vdir, gt_dir, cases if cases else sorted(label_files(vdir, "prediction")))
     size = plan["input_size"] if at_input_size else None
     return evaluate_pairs(pairs, plan["labels"], input_size=size, progress=progress)
@@ -359,5 +359,5 @@ def cross_dataset_evaluation(model_from: str, arch: str, on: str, *, mapping: Ma
                    mapping={str(k): v for k, v in (mapping or {}).items()},
                    map_gt={str(k): v for k, v in (map_gt or {}).items()},
                    folds=[f.fold for f in predictor.folds], checkpoint=checkpoint, tta=tta)
-    atomic_write_json(out / "summary.json", summary)
+    atomic_write_json(out / SUMMARY, summary)
     return summary

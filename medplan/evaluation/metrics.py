@@ -258,3 +258,21 @@ def logits_to_labels(logits: torch.Tensor, loss: str) -> torch.Tensor:
     if loss == "bce":
         return (logits[:, 0] > 0).long()
     return logits.argmax(dim=1)
+
+
+def probabilities_to_labels(probs: torch.Tensor, size: Sequence[int]) -> tuple[np.ndarray, torch.Tensor]:
+    """One image's class probabilities ``(K, h, w)`` -> its label map at ``size`` = (H, W).
+
+    Bilinear interpolation of the probabilities to the original size, then the most probable
+    class (for a BCE head's ``[1 - p, p]``: p > 0.5, the rule of :func:`logits_to_labels`).
+    Returns the labels ((H, W) uint8, on the CPU) and the probabilities at ``size`` (on the
+    tensor's device). Validation at original size and prediction both use this one function.
+    """
+    if probs.ndim != 3:
+        raise MedplanError(f"probabilities must have shape (K, H, W), got {tuple(probs.shape)}")
+    size = (int(size[0]), int(size[1]))
+    up = probs[None]
+    if tuple(up.shape[-2:]) != size:
+        up = torch.nn.functional.interpolate(up, size=size, mode="bilinear", align_corners=False)
+    up = up[0]
+    return up.argmax(dim=0).to(torch.uint8).cpu().numpy(), up

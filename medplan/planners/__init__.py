@@ -2,53 +2,44 @@
 
 The default planner reproduces the paper's protocol and chooses the augmentation from the
 data. Another planner is named on the command line (``medplan_plan --planner NAME``) and
-registers with :func:`register_planner` or the ``medplan.planners`` entry point group.
+registers with :func:`register_planner` or the ``medplan.planners`` entry point group::
+
+    [project.entry-points."medplan.planners"]
+    my_planner = "my_package.plan:plan_my_way"     # a function (fingerprint, dataset_json, **kw) -> plan
+
+Planners are served by a :class:`medplan.registry.Registry` (one registration per name,
+plug-ins never replace built-ins, a broken plug-in is a warning, unknown names suggest close ones).
 """
 from __future__ import annotations
 
-import warnings
-from importlib.metadata import entry_points
-from typing import Callable
+from typing import Any, Callable
 
-from medplan.errors import MedplanError
+from medplan.registry import Registry
 
 PlannerFn = Callable[..., dict]
-_PLANNERS: dict[str, PlannerFn] = {}
-_ENTRY_POINTS_LOADED = False
+ENTRY_POINT_GROUP = "medplan.planners"
+
+
+def _from_plugin(name: str, obj: Any) -> PlannerFn:
+    if not callable(obj):
+        raise TypeError(f"planner plug-in {name!r} is not a function: {obj!r}")
+    return obj
+
+
+#: planner name -> planner function
+PLANNERS: Registry[PlannerFn] = Registry("planner", group=ENTRY_POINT_GROUP, builtins=["medplan.planners.default"],
+                                         from_plugin=_from_plugin)
 
 
 def register_planner(name: str) -> Callable[[PlannerFn], PlannerFn]:
-    def decorator(fn: PlannerFn) -> PlannerFn:
-        _PLANNERS[name] = fn
-        return fn
-
-    return decorator
-
-
-def _load_entry_points() -> None:
-    global _ENTRY_POINTS_LOADED
-    if _ENTRY_POINTS_LOADED:
-        return
-    _ENTRY_POINTS_LOADED = True
-    for ep in entry_points(group="medplan.planners"):
-        try:
-            obj = ep.load()
-        except Exception as exc:  # a broken plug-in must not break medplan
-            warnings.warn(f"medplan planner plug-in {ep.name!r} failed to load: {exc}")
-            continue
-        if callable(obj) and ep.name not in _PLANNERS:
-            _PLANNERS[ep.name] = obj
+    """Decorator: ``@register_planner("mine")`` makes the function the planner of that name."""
+    return PLANNERS.register(name)
 
 
 def get_planner(name: str) -> PlannerFn:
-    from medplan.planners import default  # noqa: F401  (registers "default")
-
-    _load_entry_points()
-    if name not in _PLANNERS:
-        raise MedplanError(f"unknown planner {name!r}; known: {', '.join(sorted(_PLANNERS))}")
-    return _PLANNERS[name]
+    """The planner registered as ``name``; an unknown name is a MedplanError suggesting close ones."""
+    return PLANNERS[name]
 
 
 def list_planners() -> list[str]:
-    get_planner("default")
-    return sorted(_PLANNERS)
+    return PLANNERS.names()

@@ -14,8 +14,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from medplan.architectures import get_entry, is_model
 from medplan.errors import MedplanError
-from medplan.names import check_fold, check_name
+from medplan.io import read_json
+from medplan.names import check_name
+from medplan.paths import results_dir
+from medplan.rundir import LR_SEARCH_SUMMARY, RunDir
 from medplan.trainers.base import DEFAULT_SEED, EarlyStopping, Trainer, TrainSettings, lr_tag
 from medplan.trainers.registry import get_trainer, list_trainers, register_trainer
 
@@ -37,25 +41,16 @@ def resolve_fold(fold: int | str, splits: list[dict]) -> int | str:
 
 
 def run_dir(dataset: str, arch: str, fold: int | str, *, stage: str = "cv", lr: float | None = None) -> Path:
-    """``ARCH/fold_K`` for cross-validation, ``ARCH/lr_search/lr_1e-04/fold_K`` for the LR search."""
-    from medplan.paths import results_dir
-
-    fold = check_fold(fold)
-    if stage == "lr_search":
-        if lr is None:
-            raise MedplanError("an LR-search run needs an explicit --lr")
-        return results_dir(dataset, arch) / "lr_search" / f"lr_{lr_tag(lr)}" / f"fold_{fold}"
-    return results_dir(dataset, arch, fold)
+    """``ARCH/fold_K`` for cross-validation, ``ARCH/lr_search/lr_1e-04/fold_K`` for the LR search
+    (:meth:`medplan.rundir.RunDir.of`)."""
+    return RunDir.of(dataset, arch, fold, stage=stage, lr=lr).path
 
 
 def resolve_lr(dataset: str, arch: str, plan: dict, lr: float | None) -> tuple[float, str]:
     """``--lr`` > ``ARCH/lr_search.json["best_lr"]`` > ``plan["lr"]``, with where it came from."""
-    from medplan.io import read_json
-    from medplan.paths import results_dir
-
     if lr is not None:
         return float(lr), "command line"
-    search = results_dir(dataset, arch) / "lr_search.json"
+    search = results_dir(dataset, arch) / LR_SEARCH_SUMMARY
     if search.is_file():
         data = read_json(search)
         best = data.get("best_lr") if isinstance(data, dict) else None
@@ -69,8 +64,6 @@ def resolve_lr(dataset: str, arch: str, plan: dict, lr: float | None) -> tuple[f
 def default_model_options(arch: str, model_options: dict[str, Any] | None) -> dict[str, Any]:
     """ImageNet weights for every model that has them unless the run says otherwise: the
     paper fine-tunes pretrained encoders (``--no-pretrained`` is an explicit, recorded choice)."""
-    from medplan.architectures import get_entry, is_model
-
     options = dict(model_options or {})
     if "pretrained" not in options and is_model(arch) and get_entry(arch).pretrained:
         options["pretrained"] = True
@@ -81,6 +74,7 @@ def prepare(dataset: str, arch: str, fold: int | str, *, overrides: dict[str, An
             model_options: dict[str, Any] | None = None, output_dir: Path | None = None) -> Trainer:
     """Check everything a run needs (plan, splits, fold, architecture, settings) and build its
     trainer, without touching the results folder; bad input is a MedplanError naming it."""
+    # pipeline (plan and preprocess as library calls) sits above trainers: imported on use
     from medplan.pipeline import load_plan, load_splits
 
     check_name(dataset, "dataset name")

@@ -5,14 +5,14 @@ summary line, so a 150-epoch run leaves 150 readable lines and no flood of carri
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
 from pathlib import Path
 from typing import Iterable, Iterator, TypeVar
 
-from medplan.io import atomic_write_bytes, atomic_write_text, with_path
+from medplan.io import atomic_write_bytes, with_path
+from medplan.rundir import read_metrics, write_metrics  # noqa: F401 - metrics.jsonl's format lives with the run folder
 
 T = TypeVar("T")
 
@@ -149,25 +149,6 @@ def format_epoch_line(record: dict, total_epochs: int) -> str:
     if record.get("best"):
         parts.append("(best)")
     return "  ".join(parts)
-
-
-def write_metrics(history: list[dict], path: Path) -> None:
-    """Rewrite metrics.jsonl from the full history (atomic, so it always matches a checkpoint
-    or is one epoch ahead of it, never half a line)."""
-    text = "".join(json.dumps(r, default=_plain) + "\n" for r in history)
-    atomic_write_text(path, text)
-
-
-def read_metrics(path: Path) -> list[dict]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-def _plain(obj):
-    if hasattr(obj, "item"):
-        return obj.item()
-    raise TypeError(type(obj).__name__)
 
 
 def plot_progress(history: list[dict], path: Path) -> None:

@@ -1,86 +1,64 @@
 """Trainers found by name: ``medplan_train DATASET ARCH FOLD`` runs the trainer registered for
 ARCH, or the base trainer when the architecture needs nothing special.
 
+A trainer exists only for a real change of the training recipe (nnU-Net's deep-supervision
+loss, SyncSAM's prompts and loss, Swin-UMamba's frozen warm-up, SegNeXt in fp32); model facts
+(weights, internal size, parameter groups) live in the model card. A trainer is registered for
+an architecture name, which must be a registered architecture; asking for the trainer of an
+unknown architecture is an error that suggests close names, never a silent base trainer.
+
 Third-party packages register trainers through the entry-point group ``medplan.trainers``::
 
     [project.entry-points."medplan.trainers"]
     my_arch = "my_package.trainer:MyArchTrainer"
 
-The entry-point name is the architecture (or trainer) name; the object is a Trainer subclass.
+The entry-point name is the architecture name; the object is a Trainer subclass. The rules of
+:class:`medplan.registry.Registry` apply (one registration per name, plug-ins never replace
+built-ins, a broken plug-in is a warning).
 """
 from __future__ import annotations
 
-from importlib.metadata import entry_points
-from typing import Callable, TypeVar
+from typing import Any, Callable, TypeVar
 
+from medplan.architectures import MODELS
 from medplan.errors import MedplanError
+from medplan.registry import Registry
+from medplan.trainers.base import Trainer
 
 ENTRY_POINT_GROUP = "medplan.trainers"
-
-_TRAINERS: dict[str, type] = {}
-_entry_points_loaded = False
+#: the per-architecture trainers of medplan (imported on the first lookup)
+BUILTIN_MODULES = ("medplan.trainers.nnunet", "medplan.trainers.segnext", "medplan.trainers.swin_umamba",
+                   "medplan.trainers.syncsam")
 
 T = TypeVar("T", bound=type)
 
 
+def _check(name: str, cls: Any) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Trainer)):
+        raise TypeError(f"register_trainer({name!r}) expects a Trainer subclass, got {cls!r}")
+    if name not in MODELS:
+        raise MedplanError(f"trainer {cls.__qualname__} is registered for {name!r}, which is not a registered "
+                           f"architecture{MODELS.suggest(name)}")
+
+
+#: architecture name -> its Trainer subclass
+TRAINERS: Registry[type] = Registry("trainer", group=ENTRY_POINT_GROUP, builtins=BUILTIN_MODULES, check=_check)
+
+
 def register_trainer(name: str) -> Callable[[T], T]:
-    """Class decorator: ``@register_trainer("hiformer")`` makes the class the trainer for that name."""
-
-    def wrap(cls: T) -> T:
-        from medplan.trainers.base import Trainer
-
-        if not (isinstance(cls, type) and issubclass(cls, Trainer)):
-            raise TypeError(f"register_trainer({name!r}) expects a Trainer subclass, got {cls!r}")
-        existing = _TRAINERS.get(name)
-        if existing is not None and existing is not cls:
-            raise ValueError(f"a trainer is already registered for {name!r}: {existing.__qualname__}")
-        _TRAINERS[name] = cls
-        return cls
-
-    return wrap
-
-
-def _load_entry_points() -> None:
-    """Import the built-in per-architecture trainer modules of this package, then plug-ins."""
-    global _entry_points_loaded
-    if _entry_points_loaded:
-        return
-    _entry_points_loaded = True
-    import importlib
-    import pkgutil
-
-    import medplan.trainers as package
-
-    for info in sorted(pkgutil.iter_modules(package.__path__), key=lambda m: m.name):
-        if not info.name.startswith("_"):
-            try:
-                importlib.import_module(f"medplan.trainers.{info.name}")
-            except Exception as exc:  # an optional dependency missing must not hide the other trainers
-                import warnings
-
-                warnings.warn(f"trainer module medplan.trainers.{info.name} failed to import: {exc}",
-                              RuntimeWarning, stacklevel=2)
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _TRAINERS:
-            continue
-        try:
-            cls = ep.load()
-        except Exception as exc:
-            raise MedplanError(f"cannot load trainer entry point {ep.name!r} ({ep.value}): {exc}") from None
-        register_trainer(ep.name)(cls)
+    """Class decorator: ``@register_trainer("swin_umamba")`` makes the class the trainer for that architecture."""
+    return TRAINERS.register(name)
 
 
 def list_trainers() -> dict[str, str]:
     """Registered trainer names -> class names (the base trainer serves every other architecture)."""
-    _load_entry_points()
-    return {name: cls.__qualname__ for name, cls in sorted(_TRAINERS.items())}
+    return {name: TRAINERS[name].__qualname__ for name in TRAINERS.names()}
 
 
-def get_trainer(arch: str) -> type:
-    """The trainer class registered for ``arch``, else the base :class:`Trainer`."""
-    _load_entry_points()
-    if arch in _TRAINERS:
-        return _TRAINERS[arch]
-    from medplan.trainers.base import Trainer
-
+def get_trainer(arch: str) -> type[Trainer]:
+    """The trainer class registered for ``arch``, else the base :class:`Trainer`; an unknown
+    architecture is a MedplanError suggesting close names."""
+    if arch in TRAINERS:
+        return TRAINERS[arch]
+    MODELS.entry(arch)  # unknown architecture: the registry's error ("did you mean ...?")
     return Trainer

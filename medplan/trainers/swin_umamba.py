@@ -18,6 +18,8 @@ Each adopted change is written to config.json under ``deviations``.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -37,6 +39,10 @@ class SwinUMambaTrainer(Trainer):
         "optimizer: AdamW weight_decay 0.05, eps 1e-5 (Swin-UMamba's nnUNetTrainerSwinUMamba) instead of the "
         "plan's weight_decay and eps 1e-8",
     ]
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.encoder_pretrained = False  # set by build_network: ImageNet weights were loaded
 
     def build_network(self) -> nn.Module:
         model = super().build_network()
@@ -58,7 +64,7 @@ class SwinUMambaTrainer(Trainer):
 
     def encoder_frozen(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` (1-based) trains with the encoder frozen."""
-        return bool(getattr(self, "encoder_pretrained", False)) and epoch <= self.freeze_encoder_epochs
+        return self.encoder_pretrained and epoch <= self.freeze_encoder_epochs
 
     def on_epoch_start(self, epoch: int) -> None:
         model = ddp.unwrap(self.model)

@@ -114,16 +114,11 @@ class SyncSAMTrainer(Trainer):
     def build_loss(self) -> nn.Module:
         return DiceFocalLoss(int(self.plan["num_outputs"]), dice_weight=self.dice_weight)
 
-    def train_step(self, batch: dict) -> torch.Tensor:
-        self._train_seg = batch["seg"]
-        try:
-            return super().train_step(batch)
-        finally:
-            self._train_seg = None
-
-    def forward_logits(self, model: nn.Module, images: torch.Tensor) -> torch.Tensor:
-        seg = getattr(self, "_train_seg", None)
-        if seg is not None and ddp.unwrap(model).training:
-            boxes = boxes_from_labels(seg.to(images.device), jitter=self.box_jitter).to(images.device)
+    def forward_batch(self, model: nn.Module, batch: dict) -> torch.Tensor:
+        """Training: prompted with the box of the batch's labels; validation and prediction
+        (no labels at test time): the whole image, through :meth:`forward_logits`."""
+        images = batch["image"]
+        if ddp.unwrap(model).training:
+            boxes = boxes_from_labels(batch["seg"].to(images.device), jitter=self.box_jitter).to(images.device)
             return model(images, boxes)
-        return model(images)
+        return self.forward_logits(model, images)

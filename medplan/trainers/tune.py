@@ -13,26 +13,27 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from medplan.errors import MedplanError
-from medplan.io import atomic_write_json, read_json
+from medplan.io import atomic_write_json
+from medplan.paths import results_dir
+from medplan.rundir import LR_SEARCH, LR_SEARCH_SUMMARY, RunDir, lr_tag
 
 
 def best_val_miou(fold_dir: Path) -> float:
     """Best per-epoch validation mIoU of a finished run (from its metrics.jsonl)."""
-    from medplan.trainers.progress import read_metrics
-
-    values = [r["val_mIoU"] for r in read_metrics(fold_dir / "metrics.jsonl") if r.get("val_mIoU") is not None]
-    if not values:
-        raise MedplanError("no validation mIoU recorded", fold_dir / "metrics.jsonl")
-    return float(max(values))
+    run = RunDir(fold_dir)
+    best = run.best_metric("val_mIoU")
+    if best is None:
+        raise MedplanError("no validation mIoU recorded", run.metrics_path)
+    return best
 
 
 def tune(dataset: str, arch: str, *, lrs: Sequence[float] | None = None, epochs: int | None = None,
          fold: int = 0, overrides: dict[str, Any] | None = None, model_options: dict[str, Any] | None = None,
          force: bool = False) -> dict:
     """Train every LR of the grid on ``fold``; write and return ``ARCH/lr_search.json``."""
-    from medplan.paths import results_dir
+    # pipeline sits above trainers; train is defined by the package that imports this module
     from medplan.pipeline import load_plan
-    from medplan.trainers import lr_tag, run_dir, train
+    from medplan.trainers import train
 
     plan = load_plan(dataset)
     grid = [float(x) for x in (lrs if lrs else plan["lr_grid"])]
@@ -45,10 +46,11 @@ def tune(dataset: str, arch: str, *, lrs: Sequence[float] | None = None, epochs:
     results: dict[str, float] = {}
     runs: dict[str, str] = {}
     for lr in grid:
-        out = run_dir(dataset, arch, fold, stage="lr_search", lr=lr)
-        cfg = out / "config.json"
-        if not force and cfg.is_file() and read_json(cfg).get("epochs") not in (None, budget):
-            raise MedplanError(f"holds an LR-search run of {read_json(cfg).get('epochs')} epochs, not {budget}; "
+        run = RunDir.of(dataset, arch, fold, stage=LR_SEARCH, lr=lr)
+        out = run.path
+        recorded = run.config().get("epochs") if not force else None
+        if recorded not in (None, budget):
+            raise MedplanError(f"holds an LR-search run of {recorded} epochs, not {budget}; "
                                "use --force to redo it", out)
         train(dataset, arch, fold, continue_training=True, model_options=model_options, output_dir=out,
               overrides={**overrides, "lr": lr, "epochs": budget, "stage": "lr_search", "force": force})
@@ -61,7 +63,7 @@ def tune(dataset: str, arch: str, *, lrs: Sequence[float] | None = None, epochs:
         "best_lr": grid[list(results).index(best_key)], "best_val_mIoU": results[best_key],
         "created": _dt.datetime.now().isoformat(timespec="seconds"),
     }
-    path = results_dir(dataset, arch) / "lr_search.json"
+    path = results_dir(dataset, arch) / LR_SEARCH_SUMMARY
     if int(os.environ.get("RANK", "0")) == 0:
         atomic_write_json(path, summary)
     return summary
