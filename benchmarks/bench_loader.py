@@ -33,20 +33,20 @@ import numpy as np
 import torch
 
 from medplan.data import TrainLoader, build_augmentation
-from medplan.data.augmentation import AUGMENTATION_KEYS
+from medplan.plan import Augmentation, Plan, make_plan
 from medplan.planners.default import choose_augmentation
 
 ANCHOR = 37.0  # nnU-Net 2D loader, samples/s per core at 512x512
 TARGET = 75.0
 
 
-def plans(size: int) -> dict[str, dict]:
+def plans(size: int) -> dict[str, Plan]:
     out = {}
     for name, modality, rgb in (("dermoscopy (RGB)", "dermoscopy", True), ("echo (gray)", "echocardiography", False)):
         aug, _ = choose_augmentation(modality, rgb)
         c = 3 if rgb else 1
-        out[name] = {"channels": c, "input_size": [size, size], "augmentation": aug,
-                     "normalization": {"scheme": "zscore", "mean": [120.0] * c, "std": [60.0] * c}}
+        out[name] = make_plan(channels=c, input_size=[size, size], augmentation=aug,
+                              normalization={"mean": [120.0] * c, "std": [60.0] * c})
     return out
 
 
@@ -77,10 +77,10 @@ def cpu_seconds() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
 
 
-def bench_augment(plan: dict, batch: int, seconds: float) -> tuple[float, float]:
+def bench_augment(plan: Plan, batch: int, seconds: float) -> tuple[float, float]:
     """(samples/s wall-clock, samples per CPU-second) of the BatchAugmenter alone, one thread."""
-    aug = build_augmentation(plan)
-    c, (h, w) = plan["channels"], plan["input_size"]
+    aug = build_augmentation(plan.augmentation)
+    c, (h, w) = plan.channels, plan.input_size
     x = torch.randint(0, 256, (batch, c, h, w), dtype=torch.uint8)
     seg = torch.randint(0, 2, (batch, h, w), dtype=torch.uint8)
     aug(x, seg, torch.Generator().manual_seed(0))
@@ -91,7 +91,7 @@ def bench_augment(plan: dict, batch: int, seconds: float) -> tuple[float, float]
     return n / (time.perf_counter() - t0), n / (time.thread_time() - c0)
 
 
-def bench_loader(ddir: Path, ids: list[str], plan: dict, batch: int, workers: int,
+def bench_loader(ddir: Path, ids: list[str], plan: Plan, batch: int, workers: int,
                  seconds: float) -> tuple[float, float, float]:
     """(samples/s wall-clock, main-process CPU ms per sample, workers' CPU ms per sample)."""
     loader = TrainLoader(ddir, ids, plan, batch_size=batch, num_workers=workers, device="cpu", seed=0)
@@ -122,31 +122,32 @@ OPS = {
 }
 
 
-def op_share(aug: dict, key: str, channels: int) -> float:
+def op_share(aug: Augmentation, key: str, channels: int) -> float:
     """Fraction of samples that pay for the op under the plan."""
     if key == "p_rot|p_scale":
-        p_rot = aug["p_rotation"] if aug["rotation_deg"] > 0 else 0.0
-        p_scale = aug["p_scale"] if aug["scale"] != [1.0, 1.0] else 0.0
+        p_rot = aug.p_rotation if aug.rotation_deg > 0 else 0.0
+        p_scale = aug.p_scale if aug.scale != (1.0, 1.0) else 0.0
         return 1 - (1 - p_rot) * (1 - p_scale)
     if key == "flips":  # exact path: some flip/turn drawn (p = 0.5 each) and no interpolation
-        any_flip = 1 - 0.5 ** sum(bool(aug[k]) for k in ("hflip", "vflip", "rot90"))
+        any_flip = 1 - 0.5 ** sum(bool(getattr(aug, k)) for k in ("hflip", "vflip", "rot90"))
         return any_flip * (1 - op_share(aug, "p_rot|p_scale", channels))
     if key == "p_intensity":
-        return 1 - (1 - aug["p_intensity"]) ** 2
+        return 1 - (1 - aug.p_intensity) ** 2
     if key == "p_color" and channels == 1:
         return 0.0
-    return aug[key]
+    return getattr(aug, key)
 
 
-def per_op_table(name: str, plan: dict, batch: int, seconds: float) -> list[str]:
+def per_op_table(name: str, plan: Plan, batch: int, seconds: float) -> list[str]:
     rows = [f"| {name}: op (alone, p=1) | CPU ms/sample | share of samples in the plan | expected ms/sample |",
             "|---|---|---|---|"]
-    base = {**plan, "augmentation": dict(AUGMENTATION_KEYS)}
+    base = plan.updated(augmentation=Augmentation.off_json())
     ident = 1000 / bench_augment(base, batch, seconds)[1]
     rows.append(f"| uint8 -> float32 (always) | {ident:.2f} | 1.00 | {ident:.2f} |")
     for label, (settings, key) in OPS.items():
-        cost = 1000 / bench_augment({**plan, "augmentation": {**AUGMENTATION_KEYS, **settings}}, batch, seconds)[1]
-        share = op_share(plan["augmentation"], key, plan["channels"])
+        cost = 1000 / bench_augment(plan.updated(augmentation={**Augmentation.off_json(), **settings}), batch,
+                                    seconds)[1]
+        share = op_share(plan.augmentation, key, plan.channels)
         extra = max(cost - ident, 0.0)
         rows.append(f"| {label} | {extra:.2f} | {share:.2f} | {share * extra:.2f} |")
     return rows
@@ -173,7 +174,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         ddir = Path(tmp)
         for name, plan in plans(args.size).items():
-            ids = write_cases(ddir, args.cases, plan["channels"], args.size)
+            ids = write_cases(ddir, args.cases, plan.channels, args.size)
             rate, per_cpu = bench_augment(plan, args.batch, args.seconds)
             lines.append(f"| {name} | augment only, 1 thread | {rate:.1f} | {rate:.1f} | {per_cpu:.1f} "
                          f"| {1000 / per_cpu:.2f} | |")

@@ -12,7 +12,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+from medplan import pipeline
+from medplan.datasets import convert_dataset, synthetic
 from medplan.io import read_json
+from medplan.paths import raw_root
+from medplan.planners.explain import explain_plan
+from medplan.trainers import train
 
 DEMO_NAME = "DemoCAMUS"
 
@@ -26,12 +31,6 @@ def run_demo(root: str | Path | None = None, *, n_patients: int = 24, image_size
     ``root`` puts downloads, raw, preprocessed and results under one folder (for a throw-away
     run); when None the configured MEDPLAN_* folders are used and the download goes beside them.
     """
-    from medplan import pipeline
-    from medplan.datasets import convert_dataset, synthetic
-    from medplan.paths import raw_root
-    from medplan.planners.explain import explain_plan
-    from medplan.trainers import train
-
     if root is not None:
         root = Path(root).expanduser().resolve()
         for var, sub in (("MEDPLAN_RAW", "raw"), ("MEDPLAN_PREPROCESSED", "preprocessed"),

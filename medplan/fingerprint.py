@@ -3,10 +3,11 @@
 Every image is decoded once, in worker processes, and everything that needs its pixels is
 done in that pass: validation, per-channel 256-bin histograms (exact mean, std and
 percentiles for uint8), the label histogram, byte and pixel digests, the perceptual hash,
-the sector-scan evidence and, when an input size is given, the resized arrays of
-:mod:`medplan.preprocessing`. Workers hand back small records, never pixels; the per-case
-histograms, needed to leave duplicates out of the statistics once they are known, go to a
-temporary memory-mapped file, so memory does not grow with the number of images.
+the sector-scan evidence and, when the caller hands in an array writer (:class:`ArrayWriter`;
+the pipeline hands in :class:`medplan.preprocessing.CaseArrays`), the resized arrays, so this
+module knows nothing of the array format. Workers hand back small records, never pixels; the
+per-case histograms, needed to leave duplicates out of the statistics once they are known, go
+to a temporary memory-mapped file, so memory does not grow with the number of images.
 """
 from __future__ import annotations
 
@@ -14,24 +15,22 @@ import contextlib
 import errno
 import os
 import tempfile
-from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Protocol, Sequence
 
 import numpy as np
 from PIL import Image, ImageChops
 
 import medplan
+from medplan.datasets.raw import RawIndex, load_raw_index  # noqa: F401 - RawIndex is imported from here too
 from medplan.duplicates import (DEFAULT_HASH, DEFAULT_HASH_SIZE, DEFAULT_THRESHOLD, DuplicateReport, bytes_digest,
                                 check_hash_options, duplicate_decisions, perceptual_hash, pixel_digest,
                                 summary_line, write_duplicates_csv)
 from medplan.errors import MedplanError
-from medplan.names import check_name
-from medplan.io import (IMAGE_SUFFIXES, atomic_write_json, read_cases_csv, case_stem, image_suffix, os_error_from_record,
-                        os_error_record, os_errors, read_image, read_json, read_label, remove_stale_temporaries,
+from medplan.io import (atomic_write_json, os_error_from_record, os_error_record, os_errors, read_image, read_label,
                         with_path)
-from medplan.preprocessing import as_input_size, clean_data_dir, data_dir, run_tasks, write_case
+from medplan.parallel import run_tasks
 
 # A stored-RGB image counts as gray when fewer than GRAY_MAX_COLOR_SHARE of its pixels have
 # channels that differ by more than GRAY_TOLERANCE (JPEG round trips of gray images differ by
@@ -49,82 +48,26 @@ DUPLICATES_FILE = "duplicates.csv"
 DUPLICATE_POLICY = 2  # 2: near-duplicates within one patient kept when the split is patient-aware
 
 
-@dataclass
-class RawIndex:
-    """What a raw dataset folder declares, checked against what is on disk."""
+class ArrayWriter(Protocol):
+    """Writes the arrays of one input size while the fingerprint pass decodes each image once.
 
-    raw_dir: Path
-    dataset: dict
-    case_ids: list[str]
-    groups: dict[str, str]
-    group_column: str | None
-    labels: dict[str, int]
-    channels: int | None
-    image_paths: dict[str, Path] = field(default_factory=dict)
-    label_paths: dict[str, Path] = field(default_factory=dict)
+    Handed in by the caller (the pipeline hands in :class:`medplan.preprocessing.CaseArrays`),
+    so this module knows nothing of the array format; it is pickled to the worker processes.
+    """
 
+    input_size: tuple[int, int]
 
-def _list_images(folder: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or image_suffix(path) not in IMAGE_SUFFIXES:
-            continue
-        stem = case_stem(path)
-        if stem in found:
-            raise MedplanError(f"two files for case {stem!r} ({found[stem].name}, {path.name})", path)
-        found[stem] = path
-    return found
+    def prepare(self) -> None:
+        """Make the folder (before the pass)."""
 
+    def write(self, case_id: str, image: np.ndarray, label: np.ndarray, channels: int) -> None:
+        """Write one case (in a worker) with ``channels`` (1 or 3) input channels."""
 
-def load_raw_index(raw_dir: str | Path) -> RawIndex:
-    """Read dataset.json and cases.csv and check them against images/ and labels/."""
-    raw_dir = Path(raw_dir)
-    if not raw_dir.is_dir():
-        raise MedplanError("raw dataset folder not found", raw_dir)
-    ds_path, csv_path = raw_dir / "dataset.json", raw_dir / "cases.csv"
-    dataset = read_json(ds_path)
-    if not isinstance(dataset, dict):
-        raise MedplanError("expected a JSON object", ds_path)
-    labels = dataset.get("labels")
-    if not isinstance(labels, dict) or not labels:
-        raise MedplanError("'labels' must be a non-empty {name: index} object", ds_path)
-    try:
-        labels = {str(k): int(v) for k, v in labels.items()}
-    except (TypeError, ValueError):
-        raise MedplanError("label indices must be integers", ds_path) from None
-    if sorted(labels.values()) != list(range(len(labels))):
-        raise MedplanError(f"label indices must be 0..{len(labels) - 1} without gaps, got {sorted(labels.values())}",
-                           ds_path)
-    channels = dataset.get("channels")
-    if channels is not None and channels not in (1, 3):
-        raise MedplanError(f"'channels' must be 1 or 3, got {channels!r}", ds_path)
-    group_column = dataset.get("group_column")
-    try:
-        case_ids, groups, _ = read_cases_csv(csv_path, group_column)
-    except MedplanError as exc:
-        if group_column is not None and "is not a column" in str(exc):
-            raise MedplanError(f"dataset.json names group column {group_column!r} but cases.csv has no such "
-                               "column", csv_path) from None
-        raise
-    if not case_ids:
-        raise MedplanError("no cases listed", csv_path)
-    declared_n = dataset.get("num_cases")
-    if declared_n is not None and int(declared_n) != len(case_ids):
-        raise MedplanError(f"num_cases is {declared_n} but cases.csv lists {len(case_ids)} cases", ds_path)
-    index = RawIndex(raw_dir, dataset, case_ids, groups, group_column, labels, channels)
-    for sub, paths in (("images", index.image_paths), ("labels", index.label_paths)):
-        folder = raw_dir / sub
-        if not folder.is_dir():
-            raise MedplanError("folder not found", folder)
-        found = _list_images(folder)
-        for case_id in case_ids:
-            if case_id not in found:
-                raise MedplanError(f"{sub[:-1]} missing for case {case_id!r} listed in cases.csv", folder / f"{case_id}.png")
-            paths[case_id] = found[case_id]
-        extra = sorted(set(found) - set(groups))
-        if extra:
-            raise MedplanError(f"not listed in cases.csv ({len(extra)} such file(s) in {sub}/)", found[extra[0]])
-    return index
+    def keep_only(self, case_ids: Iterable[str]) -> None:
+        """Remove leftovers and the arrays of every other case (after the pass)."""
+
+    def discard_partial(self) -> None:
+        """Remove the half-written files of workers stopped mid-write (after a failed pass)."""
 
 
 def _scan_case(task: tuple) -> dict:
@@ -187,13 +130,12 @@ def _scan(case_id: str, image_path: Path, label_path: Path, opt: dict) -> dict:
     phash = perceptual_hash(gray_pil, opt["hash_name"], opt["hash_size"])
 
     array_channels = None
-    if opt["data_dir"] is not None:
+    if opt["arrays"] is not None:
         # Channels the planner will choose if the whole set agrees with this image: a gray
         # image (stored gray or R=G=B) goes in as 1 channel, a colour one as 3. Cases that
         # guess wrong (a gray image in a colour set) are redone by preprocess_dataset.
         array_channels = 1 if is_gray else 3
-        write_case(opt["data_dir"], case_id, gray if array_channels == 1 else image, label,
-                   opt["input_size"], array_channels)
+        opt["arrays"].write(case_id, gray if array_channels == 1 else image, label, array_channels)
     return {
         "case_id": case_id, "error": None,
         "size": (int(h), int(w)), "channels": stored,
@@ -250,24 +192,23 @@ def _stats_from_hist(hist: np.ndarray) -> dict[str, float]:
 
 def fingerprint_dataset(raw_dir: str | Path, out_dir: str | Path, *, hash_name: str = DEFAULT_HASH,
                         hash_size: int = DEFAULT_HASH_SIZE, threshold: int = DEFAULT_THRESHOLD,
-                        input_size: tuple[int, int] | None = (512, 512), num_workers: int | None = None,
+                        arrays: ArrayWriter | None = None, num_workers: int | None = None,
                         progress: bool = True) -> dict:
     """Inspect a raw dataset, find duplicates and (optionally) write the arrays, in one pass.
 
     Writes ``out_dir/duplicates.csv`` and ``out_dir/fingerprint.json`` (atomically, after the
-    whole pass succeeded) and returns the fingerprint. With ``input_size``, the arrays of
-    :mod:`medplan.preprocessing` are written for every kept case in the same pass.
+    whole pass succeeded) and returns the fingerprint. With ``arrays`` (an :class:`ArrayWriter`,
+    e.g. ``medplan.preprocessing.CaseArrays.at(out_dir, (512, 512))``), the arrays are written
+    for every kept case in the same pass, from the one decode of each image.
     """
     check_hash_options(hash_name, hash_size, threshold)
     raw = load_raw_index(raw_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ddir = data_dir(out_dir, input_size) if input_size is not None else None
-    if ddir is not None:
-        ddir.mkdir(parents=True, exist_ok=True)
+    if arrays is not None:
+        arrays.prepare()
     opt = {"channels": raw.channels, "n_classes": len(raw.labels), "hash_name": hash_name,
-           "hash_size": int(hash_size), "data_dir": None if ddir is None else str(ddir),
-           "input_size": None if input_size is None else as_input_size(input_size)}
+           "hash_size": int(hash_size), "arrays": arrays}
     ids = raw.case_ids
     n = len(ids)
     tasks = [(c, str(raw.image_paths[c]), str(raw.label_paths[c]), opt) for c in ids]
@@ -289,8 +230,8 @@ def fingerprint_dataset(raw_dir: str | Path, out_dir: str | Path, *, hash_name: 
                     hists[i] = rec.pop("hist")
                     records.append(rec)
         except BaseException:
-            if ddir is not None:  # arrays of the workers the pool stopped mid-write (joined by now)
-                remove_stale_temporaries(ddir)
+            if arrays is not None:  # arrays of the workers the pool stopped mid-write (joined by now)
+                arrays.discard_partial()
             raise
         groups = [raw.groups[c] for c in ids] if patient_aware(raw) else None
         report = duplicate_decisions(ids, [r["bytes_digest"] for r in records], [r["pixel_digest"] for r in records],
@@ -302,9 +243,10 @@ def fingerprint_dataset(raw_dir: str | Path, out_dir: str | Path, *, hash_name: 
         for start in range(0, kept_idx.size, 4096):
             total += np.asarray(hists[kept_idx[start:start + 4096]], dtype=np.int64).sum(axis=0)
         del hists
+    input_size = None if arrays is None else arrays.input_size
     fingerprint = _summarise(raw, records, kept_idx, total, report, hash_name, hash_size, threshold, input_size)
-    if ddir is not None:
-        clean_data_dir(ddir, [ids[i] for i in kept_idx])
+    if arrays is not None:
+        arrays.keep_only([ids[i] for i in kept_idx])
     write_duplicates_csv(out_dir / DUPLICATES_FILE, report.rows)
     atomic_write_json(out_dir / FINGERPRINT_FILE, fingerprint)
     return fingerprint
@@ -403,7 +345,7 @@ def _summarise(raw: RawIndex, records: list[dict], kept_idx: np.ndarray, total: 
             "summary": report.summary(),
         },
         "arrays": None if input_size is None else {
-            "input_size": list(as_input_size(input_size)),
+            "input_size": [int(v) for v in input_size],
             "channels_by_case": {"1": int(sum(r["array_channels"] == 1 for r in kept)),
                                  "3": int(sum(r["array_channels"] == 3 for r in kept))},
         },

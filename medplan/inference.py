@@ -13,9 +13,9 @@ installed here is a one-line error, never a silent fall-back to the base trainer
 Per image: the plan's preprocessing (:func:`medplan.preprocessing.prepare_image` then
 :func:`~medplan.preprocessing.normalize`), the network at the planned input size (through the
 trainer's ``forward_logits``, so an internal resolution is respected), class probabilities
-(:func:`medplan.evaluation.metrics.logits_to_probs`: softmax, or ``[1-p, p]`` for a BCE head)
+(:func:`medplan.metrics.logits_to_probs`: softmax, or ``[1-p, p]`` for a BCE head)
 averaged over folds and test-time flips, then
-:func:`~medplan.evaluation.metrics.probabilities_to_labels` (the function validation uses):
+:func:`~medplan.metrics.probabilities_to_labels` (the function validation uses):
 bilinear interpolation of the probabilities to the original ``(H, W)``, then argmax. Averaging probabilities (not labels)
 is what makes the fold ensemble better than majority voting on borderline pixels.
 """
@@ -35,10 +35,12 @@ from torch import nn
 
 from medplan.architectures import is_model, list_models
 from medplan.errors import MedplanError
-from medplan.evaluation.metrics import logits_to_probs, probabilities_to_labels
 from medplan.io import atomic_write_png, case_stem, is_image_file, read_image, to_uint8
+from medplan.metrics import logits_to_probs, probabilities_to_labels
 from medplan.names import check_fold
-from medplan.preprocessing import normalize, prepare_image, progress_bar
+from medplan.plan import Plan
+from medplan.preprocessing import normalize, prepare_image
+from medplan.progress import progress_bar
 from medplan.rundir import CHECKPOINTS, FOLD_PREFIX, RunDir, checkpoint_name, fold_dirs
 from medplan.trainers.base import Trainer, resolve_device
 from medplan.trainers.checkpoint import load_checkpoint
@@ -71,7 +73,7 @@ class FoldModel:
     fold: str
     checkpoint: Path
     arch: str
-    plan: dict
+    plan: Plan
     model_options: dict
     internal_size: tuple[int, int] | None
     model: nn.Module
@@ -135,10 +137,11 @@ def recorded_trainer(arch: str, recorded: Sequence[str | None], where: Path) -> 
     raise MedplanError(f"was trained by trainer {names[0]!r}, which is not installed here (known: {known})", where)
 
 
-def _registered_forward(arch: str, internal_size: tuple[int, int] | None) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
+def _registered_forward(arch: str, internal_size: tuple[int, int] | None,
+                        plan: Plan) -> Callable[[nn.Module, torch.Tensor], torch.Tensor]:
     """``forward_logits`` of ``arch``'s registered trainer at ``internal_size``: for a
     :class:`FoldModel` made by hand without ``forward`` (:func:`load_fold` always sets it)."""
-    trainer = get_trainer(arch).for_prediction(".", arch=arch, plan={})
+    trainer = get_trainer(arch).for_prediction(".", arch=arch, plan=plan)
     trainer.internal_size = internal_size
     return trainer.forward_logits
 
@@ -154,15 +157,13 @@ def load_fold(fold_dir: str | Path, checkpoint: str = "best", device: str | torc
     if weights is None:
         raise MedplanError(f"checkpoint holds no model weights (keys: {', '.join(sorted(state))})", ckpt_path)
     arch = state.get("arch") or config.get("arch")
-    plan = state.get("plan") or config.get("plan")
-    if not arch or not isinstance(plan, dict):
+    recorded_plan = state.get("plan") or config.get("plan")
+    if not arch or not isinstance(recorded_plan, dict):
         raise MedplanError("neither the checkpoint nor config.json names the architecture and the plan", ckpt_path)
     if not is_model(arch):
         raise MedplanError(f"records architecture {arch!r}, which is not installed here "
                            f"(available: {', '.join(list_models())})", ckpt_path)
-    missing = [k for k in SHARED_PLAN_KEYS if k not in plan]
-    if missing:
-        raise MedplanError(f"the run's plan lacks {', '.join(missing)}", ckpt_path)
+    plan = Plan.from_json(recorded_plan, source=ckpt_path)
     trainer_cls = recorded_trainer(arch, [config.get("trainer"), state.get("trainer")], ckpt_path)
     options = dict(state.get("model_options") or config.get("model_options") or {})
     options["pretrained"] = False  # the checkpoint's weights replace them; never look for files
@@ -191,14 +192,14 @@ def _resolve_device(device: str | torch.device) -> torch.device:
     return resolve_device(device)
 
 
-def tta_flips(plan: dict, tta: bool) -> list[tuple[int, ...]]:
+def tta_flips(plan: Plan, tta: bool) -> list[tuple[int, ...]]:
     """Flip dims to average over: none; with TTA the horizontal flip, plus the vertical flip
     (and both) only when the plan's augmentation used vertical flips (a vertically flipped
     echocardiogram is not an image the network has seen)."""
     flips: list[tuple[int, ...]] = [()]
     if tta:
         flips.append((-1,))
-        if (plan.get("augmentation") or {}).get("vflip"):
+        if plan.augmentation.vflip:
             flips += [(-2,), (-2, -1)]
     return flips
 
@@ -217,7 +218,7 @@ class Predictor:
             raise MedplanError("a Predictor needs at least one trained fold")
         ref = folds[0]
         for f in folds[1:]:
-            diff = [k for k in SHARED_PLAN_KEYS if f.plan.get(k) != ref.plan.get(k)]
+            diff = [k for k in SHARED_PLAN_KEYS if getattr(f.plan, k) != getattr(ref.plan, k)]
             if diff:
                 raise MedplanError(f"fold {f.fold} was trained with a different plan ({', '.join(diff)}) than "
                                    f"fold {ref.fold}; ensemble folds of one plan only", f.checkpoint)
@@ -227,16 +228,16 @@ class Predictor:
         for f in folds:
             f.model.to(self.device)
         self.tta = bool(tta)
-        self.batch_size = int(batch_size or self.plan.get("batch_size") or 8)
+        self.batch_size = int(batch_size or self.plan.batch_size)
         if self.batch_size < 1:
             raise MedplanError(f"batch size must be >= 1, got {batch_size}")
-        self.loss = str(self.plan["loss"])
-        self.input_size = (int(self.plan["input_size"][0]), int(self.plan["input_size"][1]))
-        self.channels = int(self.plan["channels"])
-        self.class_names = [n for n, _ in sorted(self.plan["labels"].items(), key=lambda kv: kv[1])]
-        self.num_classes = int(self.plan["num_classes"])
+        self.loss = self.plan.loss
+        self.input_size = self.plan.input_size
+        self.channels = self.plan.channels
+        self.class_names = self.plan.class_names
+        self.num_classes = self.plan.num_classes
         self.flips = tta_flips(self.plan, self.tta)
-        self._forwards = [f.forward or _registered_forward(f.arch, f.internal_size) for f in folds]
+        self._forwards = [f.forward or _registered_forward(f.arch, f.internal_size, f.plan) for f in folds]
         self.amp_dtype = None
         if amp and self.device.type == "cuda":
             self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -265,8 +266,8 @@ class Predictor:
             raise MedplanError(f"expected a 2D gray or RGB image (H, W) or (H, W, 3), got shape {array.shape}", path)
         if array.dtype.kind not in "biuf":
             raise MedplanError(f"cannot use pixel type {array.dtype}", path)
-        window = self.plan.get("intensity_window")  # the training data's one window for >8-bit images
-        return to_uint8(array, (window["low"], window["high"]) if window else None)
+        window = self.plan.intensity_window  # the training data's one window for >8-bit images
+        return to_uint8(array, (window.low, window.high) if window else None)
 
     def _prepare(self, image: np.ndarray) -> np.ndarray:
         return prepare_image(image, self.input_size, self.channels)
@@ -276,7 +277,7 @@ class Predictor:
     def probabilities_at_input_size(self, batch: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) uint8 at the input size -> (B, K, h, w) float32 probabilities on the device,
         the mean over folds and flips."""
-        x = normalize(torch.as_tensor(np.asarray(batch)).to(self.device), self.plan)
+        x = normalize(torch.as_tensor(np.asarray(batch)).to(self.device), self.plan.normalization)
         total = None
         for fold, forward in zip(self.folds, self._forwards):
             for dims in self.flips:

@@ -51,7 +51,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from medplan.errors import MedplanError
-from medplan.io import remove_entry
+from medplan.io import remove_entry, remove_stale_temporaries
+from medplan.paths import preprocessed_dir
 
 LOCK_FORMAT = "medplan-lock-1"
 LOCK_NAME = ".lock"
@@ -448,8 +449,6 @@ def holds_lock(path: str | Path) -> bool:
 
 
 def dataset_lock_path(name: str) -> Path:
-    from medplan.paths import preprocessed_dir
-
     return preprocessed_dir(name) / LOCK_NAME
 
 
@@ -457,8 +456,6 @@ def dataset_lock_path(name: str) -> Path:
 def dataset_stage(name: str, stage: str) -> Iterator[FileLock]:
     """The lock of dataset ``name``'s preprocessed folder, shared by plan and preprocess; on
     first entry it removes the temporaries that killed runs left there (and in its arrays)."""
-    from medplan.io import remove_stale_temporaries
-
     path = dataset_lock_path(name)
     first = not holds_lock(path)
     with exclusive_lock(path, purpose=f"{stage} {name}") as lock:

@@ -34,9 +34,10 @@ def preprocessed_root() -> Path:
     return _folder("preprocessed")
 
 
-def results_root() -> Path:
-    """Root of training runs and reports (``$MEDPLAN_RESULTS``)."""
-    return _folder("results")
+def results_root(override: str | Path | None = None) -> Path:
+    """Root of training runs and reports (``$MEDPLAN_RESULTS``; ``override`` instead when given,
+    for the functions that take a ``results_root`` argument)."""
+    return Path(override) if override is not None else _folder("results")
 
 
 def raw_dir(dataset: str) -> Path:

@@ -11,15 +11,21 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from medplan.datasets import resolve_raw_dataset
 from medplan.errors import MedplanError
-from medplan.io import atomic_write_json, read_cases_csv, read_json
+from medplan.fingerprint import DUPLICATE_POLICY, duplicates_line, fingerprint_dataset
+from medplan.io import atomic_write_json, read_json
 from medplan.locks import locked_dataset_stage
 from medplan.paths import preprocessed_dir
 from medplan.planners import get_planner
 from medplan.planners.overrides import apply_overrides
-from medplan.planners.schema import check_overrides, finalize_plan
+from medplan.plan import Plan, check_overrides, thaw
 from medplan.names import check_name
+from medplan.preprocessing import CaseArrays, preprocess_dataset
 from medplan.splits import check_splits, make_splits, validate_splits
+# plans.json and splits.json are read back by medplan.stagefiles (every later stage reads them
+# there); imported from here too
+from medplan.stagefiles import cases_and_groups, load_plan, load_splits, raw_dir_of  # noqa: F401
 
 Log = Callable[[str], None]
 
@@ -45,8 +51,6 @@ def raw_signature(raw_dir: Path) -> str:
 
 def _fingerprint(name: str, raw_dir: Path, out_dir: Path, options: dict[str, Any], input_size: list[int] | None,
                  num_workers: int | None, refingerprint: bool, progress: bool, log: Log) -> dict:
-    from medplan.fingerprint import DUPLICATE_POLICY, duplicates_line, fingerprint_dataset
-
     signature = raw_signature(raw_dir)
     path = out_dir / "fingerprint.json"
     if path.is_file() and not refingerprint:
@@ -58,8 +62,8 @@ def _fingerprint(name: str, raw_dir: Path, out_dir: Path, options: dict[str, Any
             return old
     log(f"fingerprint: scanning {raw_dir}")
     kwargs = {k: v for k, v in options.items() if v is not None}
-    fp = fingerprint_dataset(raw_dir, out_dir, input_size=tuple(input_size) if input_size else None,
-                             num_workers=num_workers, progress=progress, **kwargs)
+    arrays = CaseArrays.at(out_dir, input_size) if input_size else None
+    fp = fingerprint_dataset(raw_dir, out_dir, arrays=arrays, num_workers=num_workers, progress=progress, **kwargs)
     fp["raw_signature"] = signature
     fp["fingerprint_options"] = options
     atomic_write_json(path, fp)
@@ -67,32 +71,18 @@ def _fingerprint(name: str, raw_dir: Path, out_dir: Path, options: dict[str, Any
     return fp
 
 
-def _cases_and_groups(raw_dir: Path, plan: dict) -> tuple[list[str], list[str] | None]:
-    """The kept cases of ``cases.csv`` (minus the plan's ``excluded_cases``) and, when the
-    split is patient-aware, their groups; every case id is a checked name."""
-    path = raw_dir / "cases.csv"
-    column = plan["split"].get("group_column")
-    grouped = plan["split"]["strategy"] == "group_kfold"
-    if grouped and not column:
-        raise MedplanError(f"split.group_column {column!r} is not a column", path)
-    case_ids, group_of, _ = read_cases_csv(path, column if grouped else None)
-    excluded = set(plan["excluded_cases"])
-    cases = [c for c in case_ids if c not in excluded]
-    return cases, ([group_of[c] for c in cases] if grouped else None)
-
-
-def _splits(plan: dict, raw_dir: Path, out_dir: Path, log: Log) -> tuple[list[dict], bool]:
+def _splits(plan: Plan, raw_dir: Path, out_dir: Path, log: Log) -> tuple[list[dict], bool]:
     """``(splits, new)``: splits.json when it still fits the kept cases and split settings, else
     new splits; nothing is written here (the caller writes new ones with :func:`_write_splits`)."""
-    cases, groups = _cases_and_groups(raw_dir, plan)
+    cases, groups = cases_and_groups(raw_dir, plan)
     group_map = dict(zip(cases, groups)) if groups is not None else None
     path = out_dir / "splits.json"
     settings_path = out_dir / "splits_settings.json"
     if path.is_file() and settings_path.is_file():
         try:
-            same = read_json(settings_path) == plan["split"]
-            existing = validate_splits(read_json(path), cases, group_map, n_folds=plan["split"]["n_folds"],
-                                       excluded=plan["excluded_cases"], source=path) if same else None
+            same = read_json(settings_path) == plan.split.to_json()
+            existing = validate_splits(read_json(path), cases, group_map, n_folds=plan.split.n_folds,
+                                       excluded=plan.excluded_cases, source=path) if same else None
             if existing is not None:
                 check_splits(existing, cases, group_map)
         except MedplanError as exc:
@@ -102,24 +92,24 @@ def _splits(plan: dict, raw_dir: Path, out_dir: Path, log: Log) -> tuple[list[di
                 log(f"splits: kept existing {path}")
                 return existing, False
     try:
-        splits = make_splits(cases, groups, n_folds=plan["split"]["n_folds"], seed=plan["split"]["seed"])
+        splits = make_splits(cases, groups, n_folds=plan.split.n_folds, seed=plan.split.seed)
     except MedplanError as exc:
-        raise MedplanError(f"cannot split {plan.get('dataset')}: {exc} (medplan_plan -d {plan.get('dataset')} "
+        raise MedplanError(f"cannot split {plan.dataset}: {exc} (medplan_plan -d {plan.dataset} "
                            "--set split.n_folds=K)", out_dir / "splits.json") from None
     check_splits(splits, cases, group_map)
     sizes = ", ".join(str(len(f["val"])) for f in splits)
-    log(f"splits: {len(splits)} folds ({plan['split']['strategy']}), validation sizes {sizes}")
+    log(f"splits: {len(splits)} folds ({plan.split.strategy}), validation sizes {sizes}")
     return splits, True
 
 
-def _write_splits(out_dir: Path, plan: dict, splits: list[dict]) -> None:
+def _write_splits(out_dir: Path, plan: Plan, splits: list[dict]) -> None:
     atomic_write_json(out_dir / "splits.json", splits)
-    atomic_write_json(out_dir / "splits_settings.json", plan["split"])
+    atomic_write_json(out_dir / "splits_settings.json", plan.split.to_json())
 
 
-def _plan_command(name: str, plan_: dict) -> str:
+def _plan_command(name: str, plan_: Plan) -> str:
     """The medplan_plan command that makes this plan again (with the user's --set values)."""
-    sets = "".join(f" --set {k}={json.dumps(v, separators=(',', ':'))}" for k, v in (plan_.get("overrides") or {}).items())
+    sets = "".join(f" --set {k}={json.dumps(thaw(v), separators=(',', ':'))}" for k, v in plan_.overrides.items())
     return f"medplan_plan -d {name}{sets}"
 
 
@@ -127,10 +117,8 @@ def _plan_command(name: str, plan_: dict) -> str:
 def plan(name: str, *, overrides: dict[str, Any] | None = None, planner: str = "default",
          hash_name: str | None = None, hash_size: int | None = None, threshold: int | None = None,
          num_workers: int | None = None, refingerprint: bool = False, progress: bool = True,
-         log: Log = _quiet) -> dict:
+         log: Log = _quiet) -> Plan:
     """Fingerprint, plan and split dataset ``name``; write fingerprint/plans/splits; return the plan."""
-    from medplan.datasets import resolve_raw_dataset
-
     check_name(name, "dataset name")
     check_overrides(overrides)  # a bad --set fails now, not after the fingerprint pass
     raw_dir = resolve_raw_dataset(name, progress=progress)
@@ -154,8 +142,8 @@ def plan(name: str, *, overrides: dict[str, Any] | None = None, planner: str = "
     new["planner"] = planner
     plans_path = out_dir / "plans.json"
     source = f"{plans_path} with --set {', '.join(overrides)}" if overrides else plans_path
-    new = finalize_plan(apply_overrides(new, overrides), source=source)
-    _drop_within_group_pairs_if_split_ignores_groups(new, fp, log)
+    new = Plan.from_json(apply_overrides(new, overrides), source=source)
+    new = _drop_within_group_pairs_if_split_ignores_groups(new, fp, log)
     # plan and splits are one step: the splits are made (or a failure raised) before anything is
     # written, and written before the plan, so a plan on disk always has its splits beside it
     splits, fresh = _splits(new, raw_dir, out_dir, log)
@@ -167,55 +155,32 @@ def plan(name: str, *, overrides: dict[str, Any] | None = None, planner: str = "
         except MedplanError:
             old = None
         if isinstance(old, dict) and ({k: v for k, v in old.items() if k != "created"}
-                                      != {k: v for k, v in new.items() if k != "created"}):
+                                      != {k: v for k, v in new.to_json().items() if k != "created"}):
             atomic_write_json(out_dir / "plans.previous.json", old)
             log(f"plan: replaced {plans_path} (previous kept as plans.previous.json)")
-    atomic_write_json(plans_path, new)
+    atomic_write_json(plans_path, new.to_json())
     return new
 
 
-def _drop_within_group_pairs_if_split_ignores_groups(plan_: dict, fp: dict, log: Log) -> None:
+def _drop_within_group_pairs_if_split_ignores_groups(plan_: Plan, fp: dict, log: Log) -> Plan:
     """Near-duplicates within one patient are kept because a patient-aware split puts them in
     one fold; a split that ignores patients (``--set split.strategy=kfold``) could put them on
     both sides, so there the second case of each pair is dropped too, and the plan says so."""
     pairs = (fp.get("duplicates") or {}).get("kept_within_group") or []
-    if plan_["split"]["strategy"] == "group_kfold" or not pairs:
-        return
-    extra = sorted({str(pair[1]) for pair in pairs} - set(plan_["excluded_cases"]))
+    if plan_.split.strategy == "group_kfold" or not pairs:
+        return plan_
+    extra = sorted({str(pair[1]) for pair in pairs} - set(plan_.excluded_cases))
     if not extra:
-        return
-    plan_["excluded_cases"] = sorted(set(plan_["excluded_cases"]) | set(extra))
+        return plan_
     note = (f"{len(extra)} near-duplicate(s) within a patient also dropped: the split "
-            f"({plan_['split']['strategy']}) does not keep a patient's cases in one fold")
-    plan_["reasons"]["excluded_cases"] = "; ".join(filter(None, [plan_["reasons"].get("excluded_cases"), note]))
+            f"({plan_.split.strategy}) does not keep a patient's cases in one fold")
     log(f"duplicates: {note}")
+    return plan_.updated(excluded_cases=sorted(set(plan_.excluded_cases) | set(extra)),
+                         reasons={**plan_.reasons,
+                                  "excluded_cases": "; ".join(filter(None, [plan_.reason("excluded_cases"), note]))})
 
 
-def load_plan(name: str) -> dict:
-    """The dataset's plans.json, validated; a clear error when it was never planned."""
-    path = preprocessed_dir(name) / "plans.json"
-    if not path.is_file():
-        raise MedplanError(f"no plan for dataset {name!r}; run medplan_plan -d {name} or medplan_preprocess -d {name}",
-                           path)
-    return finalize_plan(read_json(path), source=path)
-
-
-def load_splits(name: str, plan: dict | None = None) -> list[dict]:
-    """The dataset's splits.json, checked against its plan and cases.csv before anything uses it
-    (:func:`medplan.splits.validate_splits`); a one-line MedplanError names the first problem."""
-    path = preprocessed_dir(name) / "splits.json"
-    if not path.is_file():
-        raise MedplanError(f"no splits for dataset {name!r}; run medplan_preprocess -d {name} "
-                           "(it makes them from the plan)", path)
-    plan_ = plan if plan is not None else load_plan(name)
-    splits = read_json(path)
-    cases, groups = _cases_and_groups(raw_dir_of(plan_), plan_)
-    group_map = dict(zip(cases, groups)) if groups is not None else None
-    return validate_splits(splits, cases, group_map, n_folds=plan_["split"]["n_folds"],
-                           excluded=plan_["excluded_cases"], source=path)
-
-
-def _ensure_splits(name: str, plan_: dict, log: Log) -> None:
+def _ensure_splits(name: str, plan_: Plan, log: Log) -> None:
     """A missing splits.json is made from the plan; a present one must pass :func:`load_splits`
     (a bad one is never replaced silently: the error says what to run)."""
     out_dir = preprocessed_dir(name)
@@ -230,23 +195,11 @@ def _ensure_splits(name: str, plan_: dict, log: Log) -> None:
         raise MedplanError(f"{exc}; fix or delete it, or make new splits with {_plan_command(name, plan_)}") from None
 
 
-def raw_dir_of(plan_: dict) -> Path:
-    """The raw dataset folder a plan was made from (re-resolved if it moved)."""
-    path = Path(plan_.get("raw_dir", ""))
-    if path.is_dir() and (path / "dataset.json").is_file():
-        return path
-    from medplan.datasets import resolve_raw_dataset
-
-    return resolve_raw_dataset(plan_["dataset"])
-
-
 @locked_dataset_stage("preprocess")
 def preprocess(name: str, *, replan: bool = False, overrides: dict[str, Any] | None = None,
                num_workers: int | None = None, progress: bool = True, log: Log = _quiet,
                **plan_options: Any) -> Path:
     """Plan when needed, then write the arrays; returns the folder of arrays."""
-    from medplan.preprocessing import preprocess_dataset
-
     plans_path = preprocessed_dir(name) / "plans.json"
     if not replan and not overrides and plans_path.is_file():
         plan_ = load_plan(name)
@@ -254,11 +207,9 @@ def preprocess(name: str, *, replan: bool = False, overrides: dict[str, Any] | N
         stale = not fp_path.is_file() or read_json(fp_path).get("raw_signature") != raw_signature(raw_dir_of(plan_))
         if stale:
             log("plan: the raw dataset changed since it was planned; planning again (user --set values kept)")
-            overrides = plan_.get("overrides")
+            overrides = thaw(plan_.overrides)
             replan = True
         else:
-            from medplan.fingerprint import duplicates_line
-
             log(f"plan: using {plans_path}")
             log(duplicates_line(read_json(fp_path)))
     if replan or overrides or not plans_path.is_file():
@@ -270,6 +221,7 @@ def preprocess(name: str, *, replan: bool = False, overrides: dict[str, Any] | N
     return data
 
 
-def plan_summary(plan_: dict) -> str:
+def plan_summary(plan_: Plan) -> str:
     """One line for logs."""
-    return json.dumps({k: plan_[k] for k in ("dataset", "modality", "task", "loss", "input_size", "batch_size")})
+    data = plan_.to_json()
+    return json.dumps({k: data[k] for k in ("dataset", "modality", "task", "loss", "input_size", "batch_size")})

@@ -16,15 +16,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
 from PIL import Image
 
+from medplan.datasets.raw import load_raw_index
 from medplan.errors import MedplanError
 from medplan.io import atomic_save_npy, atomic_write_json, read_image, read_label, remove_stale_temporaries
+from medplan.plan import Normalization, Plan
+from medplan.parallel import resolve_workers, run_tasks  # noqa: F401 - also imported from here
+from medplan.progress import progress_bar  # noqa: F401 - also imported from here
 
 # Bump when the array layout or the resampling changes: every array is then redone.
 ARRAY_FORMAT_VERSION = 1
@@ -97,17 +101,15 @@ def prepare_label(label: np.ndarray, input_size: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(np.asarray(pil), dtype=np.uint8)
 
 
-def normalize(x: Any, plan: dict) -> Any:
-    """Apply the plan's intensity normalization to 0..255-scale images (torch or numpy).
+def normalize(x: Any, normalization: Normalization) -> Any:
+    """Apply the plan's intensity normalization (``plan.normalization``) to 0..255-scale images
+    (torch or numpy).
 
     ``x`` is (C, H, W) or (B, C, H, W); returns float32 of the same kind and device.
     ``zscore``: (x - mean[c]) / std[c] with the plan's per-channel statistics (0..255 scale);
     ``minmax``: x / 255.
     """
-    norm = plan.get("normalization", plan) if isinstance(plan, dict) else None
-    if not isinstance(norm, dict) or "scheme" not in norm:
-        raise MedplanError("plan has no normalization {'scheme': ...}")
-    scheme = norm["scheme"]
+    scheme = normalization.scheme
     is_torch = type(x).__module__.startswith("torch")
     if x.ndim not in (3, 4):
         raise MedplanError(f"normalize expects (C, H, W) or (B, C, H, W), got shape {tuple(x.shape)}")
@@ -119,10 +121,8 @@ def normalize(x: Any, plan: dict) -> Any:
         x = np.asarray(x, dtype=np.float32)
     if scheme == "minmax":
         return x / 255.0
-    if scheme != "zscore":
-        raise MedplanError(f"unknown normalization scheme {scheme!r} (zscore | minmax)")
     c = x.shape[-3]
-    mean, std = list(norm["mean"]), list(norm["std"])
+    mean, std = list(normalization.mean), list(normalization.std)
     if len(mean) != c or len(std) != c:
         raise MedplanError(f"normalization has {len(mean)} mean(s) and {len(std)} std(s) "
                            f"but the image has {c} channel(s)")
@@ -227,15 +227,31 @@ def clean_data_dir(ddir: str | Path, keep_case_ids: Iterable[str]) -> int:
     return removed
 
 
-def progress_bar(iterable: Iterable, *, total: int, desc: str, enabled: bool) -> Iterable:
-    """tqdm that refreshes rarely when stderr is not a terminal (no log flood)."""
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
+@dataclass(frozen=True)
+class CaseArrays:
+    """The arrays of one input size, as a writer the fingerprint pass is handed (by the pipeline),
+    so that it writes them from its one decode of each image
+    (:class:`medplan.fingerprint.ArrayWriter`); picklable, for the worker processes."""
 
-    interactive = sys.stderr.isatty()
-    return tqdm(iterable, total=total, desc=desc, mininterval=0.2 if interactive else 30.0,
-                dynamic_ncols=interactive, leave=interactive)
+    data_dir: Path
+    input_size: tuple[int, int]
+
+    @classmethod
+    def at(cls, out_dir: str | Path, input_size: Sequence[int]) -> CaseArrays:
+        """The writer of ``out_dir/data_{h}x{w}``."""
+        return cls(data_dir(out_dir, input_size), as_input_size(input_size))
+
+    def prepare(self) -> None:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+
+    def write(self, case_id: str, image: np.ndarray, label: np.ndarray, channels: int) -> None:
+        write_case(self.data_dir, case_id, image, label, self.input_size, channels)
+
+    def keep_only(self, case_ids: Iterable[str]) -> None:
+        clean_data_dir(self.data_dir, case_ids)
+
+    def discard_partial(self) -> None:
+        remove_stale_temporaries(self.data_dir)
 
 
 def _preprocess_one(task: tuple) -> tuple[str, str | None]:
@@ -257,48 +273,18 @@ def _preprocess_one(task: tuple) -> tuple[str, str | None]:
     return case_id, None
 
 
-def resolve_workers(num_workers: int | None, n_tasks: int) -> int:
-    """Worker processes to use: all usable CPUs by default, never more than tasks."""
-    if num_workers is None:
-        try:
-            num_workers = len(os.sched_getaffinity(0))
-        except AttributeError:  # not on Linux
-            num_workers = os.cpu_count() or 1
-    if int(num_workers) < 0:
-        raise MedplanError(f"num_workers must be >= 0, got {num_workers}")
-    return max(0, min(int(num_workers), n_tasks))
-
-
-def run_tasks(fn, tasks: list, *, num_workers: int | None, desc: str, progress: bool, chunksize: int | None = None):
-    """Map ``fn`` over ``tasks`` in worker processes (in-process for 0/1 worker), in order."""
-    workers = resolve_workers(num_workers, len(tasks))
-    if workers <= 1:
-        yield from progress_bar(map(fn, tasks), total=len(tasks), desc=desc, enabled=progress)
-        return
-    import multiprocessing as mp
-
-    chunk = chunksize or max(1, min(16, len(tasks) // (workers * 8)))
-    with mp.get_context().Pool(workers) as pool:
-        yield from progress_bar(pool.imap(fn, tasks, chunksize=chunk), total=len(tasks), desc=desc,
-                                enabled=progress)
-
-
-def preprocess_dataset(raw_dir: str | Path, out_dir: str | Path, plan: dict, *, num_workers: int | None = None,
+def preprocess_dataset(raw_dir: str | Path, out_dir: str | Path, plan: Plan, *, num_workers: int | None = None,
                        progress: bool = True) -> Path:
-    """Write arrays for every case not in ``plan["excluded_cases"]``; returns the data folder.
+    """Write arrays for every case not in ``plan.excluded_cases``; returns the data folder.
 
     Idempotent: cases already done with the same :func:`plan_key` are skipped; leftover
     temporary files, cases without their ``.json`` and arrays of excluded or unknown cases are
     removed or redone.
     """
-    from medplan.fingerprint import load_raw_index
-
     raw = load_raw_index(raw_dir)
-    input_size = as_input_size(plan.get("input_size") or ())
-    channels = int(plan.get("channels", 0))
-    if channels not in (1, 3):
-        raise MedplanError(f"plan channels must be 1 or 3, got {plan.get('channels')!r}")
-    excluded = set(plan.get("excluded_cases") or [])
+    input_size = as_input_size(plan.input_size)
+    channels = plan.channels
+    excluded = set(plan.excluded_cases)
     unknown = sorted(excluded - set(raw.case_ids))
     if unknown:
         raise MedplanError(f"plan excludes cases that are not in the raw dataset: {', '.join(unknown[:5])}"

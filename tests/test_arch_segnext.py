@@ -10,6 +10,7 @@ from medplan.architectures.segnext import (
     MSCAN, NMF2D, nmf_factorize, nmf_init_coef, nmf_update_bases, nmf_update_coef,
 )
 from medplan.errors import MedplanError
+from medplan.plan import make_plan
 from model_fixtures import full_size
 
 TINY = {"embed_dims": [8, 16, 32, 32], "depths": [1, 1, 2, 1], "channels": 32}
@@ -173,7 +174,7 @@ def test_segnext_trainer_turns_mixed_precision_off(tmp_path):
 
     assert get_trainer("segnext_l") is SegNeXtTrainer
     settings = TrainSettings(device="cpu", amp=True)
-    plan = {"epochs": {"cv": 1, "lr_search": 1}, "batch_size": 2}
+    plan = make_plan(epochs={"cv": 1, "lr_search": 1}, batch_size=2)
     trainer = SegNeXtTrainer("TOY", "segnext_l", 0, plan=plan, splits=[{"train": ["a", "b"], "val": ["c"]}],
                              output_dir=tmp_path, settings=settings, model_options={**TINY, "pretrained": False},
                              lr=1e-3, lr_source="test")

@@ -9,6 +9,7 @@ from medplan.architectures import build_model, count_flops
 from medplan.architectures import swin_umamba as sum_mod
 from medplan.architectures.selective_scan import selective_scan_reference
 from medplan.errors import MedplanError
+from medplan.plan import make_plan
 from model_fixtures import full_size
 from trainer_fixtures import FAST, limit_threads, make_dataset, use_roots
 
@@ -134,8 +135,7 @@ def test_no_warm_up_from_scratch(tmp_path):
     from medplan.trainers import TrainSettings
     from medplan.trainers import swin_umamba as trainer_mod
 
-    plan = {"epochs": {"cv": 2, "lr_search": 1}, "batch_size": 2, "channels": 1, "num_outputs": 1,
-            "input_size": [32, 32], "optimizer": {"name": "AdamW", "weight_decay": 0.01, "betas": [0.9, 0.999]}}
+    plan = make_plan(epochs={"cv": 2, "lr_search": 1}, batch_size=2, input_size=[32, 32])  # binary: 1 output
     trainer = trainer_mod.SwinUMambaTrainer("TOY", "swin_umamba", 0, plan=plan,
                                             splits=[{"train": ["a", "b"], "val": ["c"]}], output_dir=tmp_path,
                                             settings=TrainSettings(device="cpu"), model_options=dict(TINY),

@@ -7,6 +7,7 @@ import torch
 from medplan.architectures import build_model
 from medplan.architectures.syncsam import SAM_FILENAME, SyncSAM, parameter_counts, sam_key_map
 from medplan.errors import MedplanError
+from medplan.plan import make_plan
 from model_fixtures import full_size
 
 # ViT width 32, 8 blocks in four (windowed, global) stages, 4x4 windows, ResNet-18, decoder width 32
@@ -165,8 +166,7 @@ def test_trainer_prompts_with_label_boxes_in_training_only(tmp_path, monkeypatch
     from medplan.trainers import syncsam as trainer_mod
 
     assert get_trainer("syncsam") is trainer_mod.SyncSAMTrainer
-    plan = {"epochs": {"cv": 1, "lr_search": 1}, "batch_size": 2, "channels": 1, "num_outputs": 1,
-            "input_size": [32, 32]}
+    plan = make_plan(epochs={"cv": 1, "lr_search": 1}, batch_size=2, input_size=[32, 32])  # binary: 1 output
     options = {"sam_config": dict(TINY), "resnet": "resnet18", "pretrained": False}
     trainer = trainer_mod.SyncSAMTrainer("TOY", "syncsam", 0, plan=plan, splits=[{"train": ["a", "b"], "val": ["c"]}],
                                          output_dir=tmp_path, settings=TrainSettings(device="cpu"),

@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from medplan.data import build_augmentation
-from medplan.data.augmentation import AUGMENTATION_KEYS
 from medplan.errors import MedplanError
+from medplan.plan import make_plan
 
 
 def make(**aug) -> "object":
-    return build_augmentation({"augmentation": {**AUGMENTATION_KEYS, **aug}})
+    return build_augmentation(make_plan(augmentation=aug).augmentation)
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -178,14 +178,14 @@ def test_same_seed_same_result_other_seed_other_result():
 
 
 def test_bad_augmentation_settings_are_one_line_errors():
-    with pytest.raises(MedplanError, match="unknown augmentation key"):
-        build_augmentation({"augmentation": {"rotation": 10}})
+    with pytest.raises(MedplanError, match="unknown key in 'augmentation': 'rotation'; did you mean"):
+        make(rotation=10)
     with pytest.raises(MedplanError, match="augmentation.scale"):
-        build_augmentation({"augmentation": {"scale": [1.2, 0.8]}})
+        make(scale=[1.2, 0.8])
     with pytest.raises(MedplanError, match="augmentation.p_blur"):
-        build_augmentation({"augmentation": {"p_blur": 1.5}})
+        make(p_blur=1.5)
     with pytest.raises(MedplanError, match="augmentation.hflip"):
-        build_augmentation({"augmentation": {"hflip": "yes"}})
+        make(hflip="yes")
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

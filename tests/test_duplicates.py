@@ -10,6 +10,7 @@ from medplan.duplicates import (DEFAULT_THRESHOLD, Duplicate, find_duplicates, h
                                 pack_hashes, perceptual_hash, read_duplicates_csv)
 from medplan.errors import MedplanError
 from medplan.fingerprint import fingerprint_dataset
+from medplan.preprocessing import CaseArrays
 from test_fingerprint import blob_label, jpeg_roundtrip, png_with, structured_image, write_raw
 
 
@@ -76,7 +77,8 @@ def test_fingerprint_finds_planted_duplicates_and_writes_csv(tmp_path):
                     image_bytes={"img03": png_with(base, compress_level=6), "z_bytes": png_with(base, compress_level=6),
                                  "z_pixels": png_with(base, compress_level=1)})
     assert (raw / "images" / "z_pixels.png").read_bytes() != (raw / "images" / "img03.png").read_bytes()
-    fp = fingerprint_dataset(raw, tmp_path / "pre", input_size=(16, 16), num_workers=0, progress=False)
+    fp = fingerprint_dataset(raw, tmp_path / "pre", arrays=CaseArrays.at(tmp_path / "pre", (16, 16)),
+                             num_workers=0, progress=False)
 
     dup = fp["duplicates"]
     assert dup["dropped"] == ["z_bright", "z_bytes", "z_jpeg", "z_pixels"]
@@ -98,7 +100,7 @@ def test_fingerprint_finds_planted_duplicates_and_writes_csv(tmp_path):
     assert len(list((tmp_path / "pre" / "data_16x16").glob("*.json"))) == 10
 
     # the threshold is an option; exact copies are found by bytes/pixels whatever it is
-    fp0 = fingerprint_dataset(raw, tmp_path / "pre0", threshold=0, input_size=None, num_workers=0, progress=False)
+    fp0 = fingerprint_dataset(raw, tmp_path / "pre0", threshold=0, num_workers=0, progress=False)
     assert set(fp0["duplicates"]["dropped"]) >= {"z_bytes", "z_pixels"}
     assert fp0["duplicates"]["threshold"] == 0
 
@@ -107,11 +109,11 @@ def test_no_duplicates_gives_header_only_csv_and_bad_options_fail(tmp_path):
     rng = np.random.default_rng(3)
     images = {f"c{i}": structured_image(rng, 32, 32) for i in range(4)}
     raw = write_raw(tmp_path / "raw", images, {c: np.zeros((32, 32), np.uint8) for c in images})
-    fp = fingerprint_dataset(raw, tmp_path / "pre", hash_name="dhash", input_size=None, num_workers=0,
+    fp = fingerprint_dataset(raw, tmp_path / "pre", hash_name="dhash", num_workers=0,
                              progress=False)
     assert fp["duplicates"]["n_dropped"] == 0 and fp["duplicates"]["hash"] == "dhash"
     assert (tmp_path / "pre" / "duplicates.csv").read_text() == "case_id,kept_case_id,reason,distance,decision\n"
     with pytest.raises(MedplanError, match="unknown perceptual hash 'md5'"):
-        fingerprint_dataset(raw, tmp_path / "pre", hash_name="md5", input_size=None, progress=False)
+        fingerprint_dataset(raw, tmp_path / "pre", hash_name="md5", progress=False)
     with pytest.raises(MedplanError, match="threshold must be in 0..64"):
-        fingerprint_dataset(raw, tmp_path / "pre", threshold=65, input_size=None, progress=False)
+        fingerprint_dataset(raw, tmp_path / "pre", threshold=65, progress=False)

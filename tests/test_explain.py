@@ -19,6 +19,7 @@ from medplan.explain import (
     tile_count,
 )
 from medplan.io import atomic_write_json
+from medplan.plan import make_plan
 
 TINY = {"base_channels": 4, "depth": 2}
 SIZE = 32
@@ -176,11 +177,8 @@ def test_panel_and_grid_have_the_expected_tiles():
 
 # ----------------------------------------------------------------------------- the command
 def _plan(raw):
-    return {"dataset": "TOY", "raw_dir": str(raw), "modality": "gray", "channels": 1,
-            "labels": {"background": 0, "a": 1, "b": 2}, "num_classes": 3, "task": "multiclass", "loss": "ce",
-            "num_outputs": 3, "split": {"strategy": "kfold", "n_folds": 2, "seed": 1, "group_column": None},
-            "input_size": [SIZE, SIZE], "batch_size": 2,
-            "normalization": {"scheme": "zscore", "mean": [100.0], "std": [50.0]}, "augmentation": {}}
+    return make_plan(raw_dir=str(raw), labels={"background": 0, "a": 1, "b": 2}, split={"n_folds": 2, "seed": 1},
+                     input_size=[SIZE, SIZE], batch_size=2, normalization={"mean": [100.0], "std": [50.0]}).to_json()
 
 
 @pytest.fixture()

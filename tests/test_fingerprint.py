@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 from medplan.errors import MedplanError
 from medplan.fingerprint import fingerprint_dataset, load_raw_index
+from medplan.preprocessing import CaseArrays
 
 
 # --- raw-format fixtures (shared by test_duplicates.py and test_preprocessing.py) ----------
@@ -89,7 +90,7 @@ def test_fingerprint_values_match_numpy(tmp_path):
     labels["case_000"][:] = 0  # a case without foreground: presence < 1
     groups = {c: f"patient_{i // 2}" for i, c in enumerate(images)}
     raw = write_raw(tmp_path / "raw", images, labels, classes=("background", "a", "b"), groups=groups)
-    fp = fingerprint_dataset(raw, tmp_path / "pre", input_size=None, num_workers=0, progress=False)
+    fp = fingerprint_dataset(raw, tmp_path / "pre", num_workers=0, progress=False)
 
     assert fp["num_cases"] == fp["num_kept"] == 6
     assert fp["channels"] == 3 and fp["rgb_is_gray"] is False and fp["channels_seen"] == 3
@@ -125,7 +126,7 @@ def test_rgb_stored_gray_set_is_detected(tmp_path):
     images["case_001"][:, :, 0] = np.clip(images["case_001"][:, :, 0].astype(int) + rng.integers(0, 4, (42, 48)),
                                           0, 255).astype(np.uint8)
     raw = write_raw(tmp_path / "raw", images, labels, classes=("background", "a", "b"))
-    fp = fingerprint_dataset(raw, tmp_path / "pre", input_size=None, num_workers=0, progress=False)
+    fp = fingerprint_dataset(raw, tmp_path / "pre", num_workers=0, progress=False)
     assert fp["channels"] == 3 and fp["rgb_is_gray"] is True and fp["channels_seen"] == 1
     assert len(fp["intensity"]["mean"]) == 1
     luma = np.concatenate([np.asarray(Image.fromarray(im).convert("L")).ravel() for im in images.values()])
@@ -136,7 +137,7 @@ def test_rgb_stored_gray_set_is_detected(tmp_path):
     images["case_002"] = structured_image(rng, 40, 48, rgb=True)
     labels["case_002"] = blob_label(rng, 40, 48, 3)
     raw = write_raw(tmp_path / "raw2", images, labels, classes=("background", "a", "b"))
-    fp = fingerprint_dataset(raw, tmp_path / "pre2", input_size=None, num_workers=0, progress=False)
+    fp = fingerprint_dataset(raw, tmp_path / "pre2", num_workers=0, progress=False)
     assert fp["rgb_is_gray"] is False and len(fp["intensity"]["mean"]) == 3
 
 
@@ -149,8 +150,10 @@ def test_gray_set_with_sector_corners_and_workers(tmp_path):
         yy, xx = np.mgrid[:h, :w]
         im[np.abs(xx - w / 2) > yy * 0.7] = 0  # a cone with its apex at the top centre
     raw = write_raw(tmp_path / "raw", images, labels, classes=("background", "a", "b"))
-    fp0 = fingerprint_dataset(raw, tmp_path / "pre0", input_size=(16, 16), num_workers=0, progress=False)
-    fp2 = fingerprint_dataset(raw, tmp_path / "pre2", input_size=(16, 16), num_workers=2, progress=False)
+    fp0 = fingerprint_dataset(raw, tmp_path / "pre0", arrays=CaseArrays.at(tmp_path / "pre0", (16, 16)),
+                              num_workers=0, progress=False)
+    fp2 = fingerprint_dataset(raw, tmp_path / "pre2", arrays=CaseArrays.at(tmp_path / "pre2", (16, 16)),
+                              num_workers=2, progress=False)
     assert fp0["border_black_fraction"] > 0.9
     assert fp0["channels"] == 1 and fp0["rgb_is_gray"] is False
     for key in ("intensity", "sizes", "labels", "duplicates", "border_black_fraction"):
@@ -163,7 +166,7 @@ def test_gray_set_with_sector_corners_and_workers(tmp_path):
     flat_labels["x2"][:5] = 1
     flat["x2"] = flat["x2"] + 1
     raw = write_raw(tmp_path / "raw_flat", flat, flat_labels)
-    fp = fingerprint_dataset(raw, tmp_path / "pre_flat", input_size=None, num_workers=0, progress=False)
+    fp = fingerprint_dataset(raw, tmp_path / "pre_flat", num_workers=0, progress=False)
     assert fp["border_black_fraction"] == 0.0
 
 
@@ -176,7 +179,7 @@ def _one_case_raw(tmp_path: Path) -> Path:
 
 
 def _fp(raw: Path, tmp_path: Path) -> dict:
-    return fingerprint_dataset(raw, tmp_path / "pre", input_size=None, num_workers=0, progress=False)
+    return fingerprint_dataset(raw, tmp_path / "pre", num_workers=0, progress=False)
 
 
 def test_corrupt_image_names_the_file(tmp_path):

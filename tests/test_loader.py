@@ -8,17 +8,16 @@ import pytest
 import torch
 
 from medplan.data import TrainLoader, iterate_validation
-from medplan.data.augmentation import AUGMENTATION_KEYS
 from medplan.errors import MedplanError
+from medplan.plan import Plan, make_plan
 
 SIZE = 32
 N_CASES = 10
 
 
-def make_plan(**aug) -> dict:
-    return {"channels": 1, "input_size": [SIZE, SIZE],
-            "normalization": {"scheme": "zscore", "mean": [100.0], "std": [50.0]},
-            "augmentation": {**AUGMENTATION_KEYS, **aug}}
+def aug_plan(**aug) -> Plan:
+    """The loader tests' plan: 32x32 gray, z-score (100, 50), augmentation ``aug`` (the rest off)."""
+    return make_plan(input_size=[SIZE, SIZE], normalization={"mean": [100.0], "std": [50.0]}, augmentation=aug)
 
 
 AUGMENTED = dict(rotation_deg=15.0, p_rotation=0.5, scale=[0.85, 1.15], p_scale=0.5, hflip=True,
@@ -55,7 +54,7 @@ def collect(loader) -> list[dict]:
 
 def test_batches_have_the_right_shapes_types_and_normalization(data):
     ddir, ids = data
-    with TrainLoader(ddir, ids, make_plan(), batch_size=4, num_workers=0) as loader:
+    with TrainLoader(ddir, ids, aug_plan(), batch_size=4, num_workers=0) as loader:
         assert len(loader) == N_CASES // 4
         batches = collect(loader)
     assert len(batches) == 2
@@ -71,7 +70,7 @@ def test_batches_have_the_right_shapes_types_and_normalization(data):
 
 def test_two_workers_give_exactly_the_batches_of_the_main_process(data):
     ddir, ids = data
-    plan = make_plan(**AUGMENTED)
+    plan = aug_plan(**AUGMENTED)
     with TrainLoader(ddir, ids, plan, batch_size=2, num_workers=0, seed=3) as loader:
         loader.set_epoch(2)
         inline = collect(loader)
@@ -95,7 +94,7 @@ def test_two_workers_give_exactly_the_batches_of_the_main_process(data):
 
 def test_set_epoch_reproduces_an_epoch_and_epochs_differ(data):
     ddir, ids = data
-    plan = make_plan(**AUGMENTED)
+    plan = aug_plan(**AUGMENTED)
     with TrainLoader(ddir, ids, plan, batch_size=2, num_workers=2, seed=5) as loader:
         first = collect(loader)        # epoch 0
         second = collect(loader)       # advances to epoch 1 by itself; workers ran ahead
@@ -116,12 +115,12 @@ def test_set_epoch_reproduces_an_epoch_and_epochs_differ(data):
 
 def test_leaving_an_epoch_early_then_continuing_restarts_cleanly(data):
     ddir, ids = data
-    with TrainLoader(ddir, ids, make_plan(**AUGMENTED), batch_size=2, num_workers=2, seed=1) as loader:
+    with TrainLoader(ddir, ids, aug_plan(**AUGMENTED), batch_size=2, num_workers=2, seed=1) as loader:
         for _ in loader:
             break                      # half-read epoch 0
         loader.set_epoch(1)
         partial_then_full = collect(loader)
-    with TrainLoader(ddir, ids, make_plan(**AUGMENTED), batch_size=2, num_workers=0, seed=1) as ref:
+    with TrainLoader(ddir, ids, aug_plan(**AUGMENTED), batch_size=2, num_workers=0, seed=1) as ref:
         ref.set_epoch(1)
         expected = collect(ref)
     assert [b["case_ids"] for b in partial_then_full] == [b["case_ids"] for b in expected]
@@ -129,11 +128,11 @@ def test_leaving_an_epoch_early_then_continuing_restarts_cleanly(data):
 
 def test_fewer_cases_than_a_batch_still_fill_one_batch(data):
     ddir, ids = data
-    with TrainLoader(ddir, ids[:3], make_plan(), batch_size=4, num_workers=0) as loader:
+    with TrainLoader(ddir, ids[:3], aug_plan(), batch_size=4, num_workers=0) as loader:
         assert len(loader) == 1
         (batch,) = collect(loader)
     assert batch["image"].shape[0] == 4 and set(batch["case_ids"]) == set(ids[:3])
-    with TrainLoader(ddir, ids, make_plan(), batch_size=4, num_workers=0, drop_last=False) as loader:
+    with TrainLoader(ddir, ids, aug_plan(), batch_size=4, num_workers=0, drop_last=False) as loader:
         assert len(loader) == 3
         sizes = [b["image"].shape[0] for b in loader]
     assert sizes == [4, 4, 2]
@@ -142,14 +141,14 @@ def test_fewer_cases_than_a_batch_still_fill_one_batch(data):
 def test_missing_case_is_an_error_at_construction(data):
     ddir, ids = data
     with pytest.raises(MedplanError, match="case_99"):
-        TrainLoader(ddir, ids + ["case_99"], make_plan(), batch_size=2, num_workers=0)
+        TrainLoader(ddir, ids + ["case_99"], aug_plan(), batch_size=2, num_workers=0)
     with pytest.raises(MedplanError, match="plan expects"):
-        TrainLoader(ddir, ids, {**make_plan(), "input_size": [16, 16]}, batch_size=2, num_workers=0)
+        TrainLoader(ddir, ids, aug_plan().updated(input_size=[16, 16]), batch_size=2, num_workers=0)
 
 
 def test_an_error_in_a_worker_is_raised_in_the_main_process(data):
     ddir, ids = data
-    loader = TrainLoader(ddir, ids, make_plan(), batch_size=2, num_workers=2)
+    loader = TrainLoader(ddir, ids, aug_plan(), batch_size=2, num_workers=2)
     (ddir / f"{ids[3]}.npy").write_bytes(b"not a numpy file")  # corrupted after the checks
     with pytest.raises(MedplanError, match=ids[3]):
         for _ in range(3):
@@ -160,7 +159,7 @@ def test_an_error_in_a_worker_is_raised_in_the_main_process(data):
 
 def test_validation_covers_every_case_once_in_order_without_augmentation(data):
     ddir, ids = data
-    plan = make_plan(**AUGMENTED, vflip=True)
+    plan = aug_plan(**AUGMENTED, vflip=True)
     batches = list(iterate_validation(ddir, ids, plan, batch_size=4, device="cpu"))
     assert [b["image"].shape[0] for b in batches] == [4, 4, 2]
     assert [c for b in batches for c in b["case_ids"]] == ids
@@ -174,7 +173,7 @@ def test_validation_covers_every_case_once_in_order_without_augmentation(data):
 def test_augmenting_on_the_device_matches_augmenting_in_the_workers(data):
     """Same function, same per-batch generator: the two modes differ only by float16 on the wire."""
     ddir, ids = data
-    plan = make_plan(**AUGMENTED)
+    plan = aug_plan(**AUGMENTED)
     with TrainLoader(ddir, ids, plan, batch_size=2, num_workers=2, seed=9, augment_on="device") as loader:
         on_device = collect(loader)
     with TrainLoader(ddir, ids, plan, batch_size=2, num_workers=0, seed=9, augment_on="workers") as loader:

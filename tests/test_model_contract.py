@@ -17,6 +17,7 @@ import torch
 
 from medplan.architectures import build_model, count_parameters, get_entry, list_models, model_card
 from medplan.errors import MedplanError
+from medplan.plan import make_plan
 from medplan.trainers import TrainSettings, get_trainer
 from model_fixtures import full_size
 
@@ -137,21 +138,12 @@ def test_partial_weights_load_only_when_allowed(name, tmp_path):
     assert all(torch.equal(loaded[k], state[k]) for k in keep[:-1])  # everything else came from the file
 
 
-def _plan(channels: int, num_outputs: int, size: tuple[int, int]) -> dict:
-    binary = num_outputs == 1
-    return {"channels": channels, "num_outputs": num_outputs, "num_classes": 2 if binary else num_outputs,
-            "labels": {"background": 0, "a": 1} if binary else {f"c{i}": i for i in range(num_outputs)},
-            "loss": "bce" if binary else "ce", "input_size": list(size), "batch_size": 2,
-            "epochs": {"lr_search": 1, "cv": 1}, "optimizer": {"name": "AdamW", "weight_decay": 0.01,
-                                                                "betas": [0.9, 0.999]},
-            "lr_schedule": {"name": "rex"}, "early_stopping": {"monitor": "val_mIoU", "mode": "max", "patience": 3}}
-
-
 @pytest.mark.parametrize("name", MODELS)
 def test_one_trainer_step_with_the_card_groups_and_deviations(name, tmp_path):
     card = model_card(name)
     size = card.test_sizes[0]
-    plan = _plan(1, 1, size)
+    plan = make_plan(input_size=list(size), batch_size=2, epochs={"lr_search": 1, "cv": 1},
+                     early_stopping={"patience": 3})  # gray, binary: one output
     options = {**({"pretrained": False} if card.weights else {}), **card.test_options}
     cls = get_trainer(name)
     trainer = cls("TOY", name, 0, plan=plan, splits=[{"train": ["a", "b"], "val": ["c"]}], output_dir=tmp_path,

@@ -13,41 +13,36 @@ from PIL import Image
 from medplan.errors import MedplanError
 from medplan.inference import Predictor, predict_folder, tta_flips
 from medplan.io import atomic_write_json, read_image
+from medplan.plan import Plan, make_plan
 
 TINY = {"base_channels": 4, "depth": 2}
 
 
 def tiny_plan(channels: int = 1, num_classes: int = 3, input_size: int = 32, vflip: bool = False,
-              name: str = "TOY") -> dict:
+              name: str = "TOY") -> Plan:
     labels = dict(list({"background": 0, "a": 1, "b": 2, "c": 3}.items())[:num_classes])
-    binary = num_classes == 2
-    return {
-        "dataset": name, "modality": "rgb" if channels == 3 else "gray", "channels": channels, "labels": labels,
-        "num_classes": num_classes, "task": "binary" if binary else "multiclass",
-        "loss": "bce" if binary else "ce", "num_outputs": 1 if binary else num_classes,
-        "split": {"strategy": "kfold", "n_folds": 2, "seed": 1, "group_column": None},
-        "input_size": [input_size, input_size], "batch_size": 2,
-        "normalization": {"scheme": "zscore", "mean": [100.0] * channels, "std": [50.0] * channels},
-        "augmentation": {"hflip": True, "vflip": vflip},
-    }
+    return make_plan(dataset=name, channels=channels, labels=labels, split={"n_folds": 2, "seed": 1},
+                     input_size=[input_size, input_size], batch_size=2,
+                     normalization={"mean": [100.0] * channels, "std": [50.0] * channels},
+                     augmentation={"hflip": True, "vflip": vflip})
 
 
-def make_model_dir(model_dir: Path, plan: dict, folds=(0, 1), seed: int = 0) -> Path:
+def make_model_dir(model_dir: Path, plan: Plan, folds=(0, 1), seed: int = 0) -> Path:
     """A results folder as the trainer writes it: fold_K/{checkpoint_best.pt, config.json}."""
     from medplan.architectures import build_model
     from medplan.trainers.checkpoint import save_checkpoint
 
     for k in folds:
         torch.manual_seed(seed + int(k))
-        model = build_model("unet", plan["channels"], plan["num_outputs"], **TINY)
+        model = build_model("unet", plan.channels, plan.num_outputs, **TINY)
         with torch.no_grad():  # a visible, fold-specific bias so folds really differ
             for p in model.parameters():
                 p.add_(0.05 * torch.randn_like(p))
         fold_dir = model_dir / f"fold_{k}"
         save_checkpoint(fold_dir / "checkpoint_best.pt", {"arch": "unet", "fold": k, "model": model.state_dict(),
-                                                           "model_options": dict(TINY), "plan": plan})
+                                                           "model_options": dict(TINY), "plan": plan.to_json()})
         atomic_write_json(fold_dir / "config.json", {"arch": "unet", "fold": k, "model_options": dict(TINY),
-                                                     "internal_size": None, "plan": plan})
+                                                     "internal_size": None, "plan": plan.to_json()})
     return model_dir
 
 
@@ -94,9 +89,9 @@ def test_tta_averages_the_horizontal_flip_and_vflip_only_when_planned(model_dir)
     plain = single.probabilities_at_input_size(x)
     flipped = single.probabilities_at_input_size(x[..., ::-1].copy()).flip(-1)
     torch.testing.assert_close(tta.probabilities_at_input_size(x), (plain + flipped) / 2, atol=1e-5, rtol=0)
-    assert tta_flips({"augmentation": {"vflip": False}}, True) == [(), (-1,)]
-    assert len(tta_flips({"augmentation": {"vflip": True}}, True)) == 4
-    assert tta_flips({"augmentation": {"vflip": True}}, False) == [()]
+    assert tta_flips(make_plan(augmentation={"vflip": False}), True) == [(), (-1,)]
+    assert len(tta_flips(make_plan(augmentation={"vflip": True}), True)) == 4
+    assert tta_flips(make_plan(augmentation={"vflip": True}), False) == [()]
 
 
 def test_binary_bce_model_gives_two_class_probabilities(tmp_path):
@@ -192,4 +187,4 @@ def test_end_to_end_with_the_trainer(tmp_path, monkeypatch):
     assert cv["folds"]["0"]["mDSC"] == pytest.approx(summary["mDSC"])
     assert cv["folds"]["0"]["n_cases"] == summary["n_cases"] == len(json.loads(
         (tmp_path / "preprocessed" / "TOY" / "splits.json").read_text())[0]["val"])
-    assert cv["n_folds"] == plan["split"]["n_folds"] and cv["missing_folds"] == [1, 2]
+    assert cv["n_folds"] == plan.split.n_folds and cv["missing_folds"] == [1, 2]

@@ -10,7 +10,8 @@ from PIL import Image
 
 from medplan.errors import MedplanError
 from medplan.fingerprint import fingerprint_dataset
-from medplan.preprocessing import (data_dir, load_case, normalize, plan_key, prepare_image, prepare_label,
+from medplan.plan import Normalization, make_plan
+from medplan.preprocessing import (CaseArrays, data_dir, load_case, normalize, plan_key, prepare_image, prepare_label,
                                    preprocess_dataset, write_case)
 from test_fingerprint import blob_label, structured_image, write_raw
 
@@ -48,19 +49,20 @@ def test_prepare_label_nearest_keeps_values():
 def test_normalize_numpy_and_torch_match_hand_computation():
     rng = np.random.default_rng(2)
     x = rng.integers(0, 256, (2, 3, 4, 5)).astype(np.float32)
-    plan = {"normalization": {"scheme": "zscore", "mean": [10.0, 100.0, 200.0], "std": [2.0, 50.0, 25.0]}}
+    norm = make_plan(channels=3, normalization={"mean": [10.0, 100.0, 200.0], "std": [2.0, 50.0, 25.0]}).normalization
     expect = np.stack([(x[:, c] - m) / s for c, (m, s) in enumerate([(10, 2), (100, 50), (200, 25)])], axis=1)
-    out = normalize(x, plan)
+    out = normalize(x, norm)
     assert out.dtype == np.float32 and out.shape == x.shape
     np.testing.assert_allclose(out, expect, rtol=1e-6)
-    np.testing.assert_allclose(normalize(x[0], plan), expect[0], rtol=1e-6)
-    t = normalize(torch.from_numpy(x), plan)
+    np.testing.assert_allclose(normalize(x[0], norm), expect[0], rtol=1e-6)
+    t = normalize(torch.from_numpy(x), norm)
     assert isinstance(t, torch.Tensor) and t.dtype == torch.float32
     np.testing.assert_allclose(t.numpy(), expect, rtol=1e-6)
     u8 = torch.from_numpy(x.astype(np.uint8))
-    np.testing.assert_allclose(normalize(u8, {"normalization": {"scheme": "minmax"}}).numpy(), x / 255.0, rtol=1e-6)
+    minmax = Normalization.from_json({"scheme": "minmax"})
+    np.testing.assert_allclose(normalize(u8, minmax).numpy(), x / 255.0, rtol=1e-6)
     with pytest.raises(MedplanError, match="1 channel"):
-        normalize(x[:, :1], plan)
+        normalize(x[:, :1], norm)
 
 
 def test_write_and_load_case_record_original_size(tmp_path):
@@ -91,7 +93,7 @@ def _mtimes(folder):
 
 def test_preprocess_dataset_idempotent_recovers_and_excludes(tmp_path):
     raw, images = _raw(tmp_path)
-    plan = {"input_size": [24, 20], "channels": 1, "excluded_cases": ["c3"]}
+    plan = make_plan(input_size=[24, 20], channels=1, excluded_cases=["c3"])
     ddir = preprocess_dataset(raw, tmp_path / "pre", plan, num_workers=0, progress=False)
     assert ddir == tmp_path / "pre" / "data_24x20"
     assert sorted(p.name for p in ddir.glob("*.json")) == ["c0.json", "c1.json", "c2.json", "c4.json"]
@@ -118,16 +120,18 @@ def test_preprocess_dataset_idempotent_recovers_and_excludes(tmp_path):
     assert load_case(ddir, "c1")[1].shape == (24, 20)
 
     # another channel count changes the plan key: every case is redone
-    preprocess_dataset(raw, tmp_path / "pre", {**plan, "channels": 3}, num_workers=0, progress=False)
+    preprocess_dataset(raw, tmp_path / "pre", make_plan(input_size=[24, 20], channels=3, excluded_cases=["c3"]),
+                       num_workers=0, progress=False)
     assert load_case(ddir, "c2")[0].shape == (3, 24, 20)
 
 
 def test_fingerprint_pass_leaves_nothing_for_preprocess(tmp_path):
     raw, _ = _raw(tmp_path, rgb=False)
-    fp = fingerprint_dataset(raw, tmp_path / "pre", input_size=(16, 16), num_workers=0, progress=False)
+    fp = fingerprint_dataset(raw, tmp_path / "pre", arrays=CaseArrays.at(tmp_path / "pre", (16, 16)),
+                             num_workers=0, progress=False)
     ddir = data_dir(tmp_path / "pre", (16, 16))
     before = _mtimes(ddir)
-    plan = {"input_size": [16, 16], "channels": 1, "excluded_cases": fp["duplicates"]["dropped"]}
+    plan = make_plan(input_size=[16, 16], channels=1, excluded_cases=fp["duplicates"]["dropped"])
     preprocess_dataset(raw, tmp_path / "pre", plan, num_workers=0, progress=False)
     assert _mtimes(ddir) == before and len(before) == 15
 
@@ -136,12 +140,11 @@ def test_preprocess_bad_input_names_the_file(tmp_path):
     raw, _ = _raw(tmp_path)
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(raw / "labels" / "c2.png")
     with pytest.raises(MedplanError, match=r"labels/c2\.png.*label size \[5, 5\] != image size"):
-        preprocess_dataset(raw, tmp_path / "pre", {"input_size": [8, 8], "channels": 1}, num_workers=0,
-                           progress=False)
-    with pytest.raises(MedplanError, match="input_size must be two positive integers"):
-        preprocess_dataset(raw, tmp_path / "pre", {"input_size": [8], "channels": 1}, progress=False)
+        preprocess_dataset(raw, tmp_path / "pre", make_plan(input_size=[8, 8]), num_workers=0, progress=False)
+    with pytest.raises(MedplanError, match="'input_size' must be"):  # checked with the plan (medplan.plan)
+        make_plan(input_size=[8])
     with pytest.raises(MedplanError, match=r"cases\.csv.*excludes cases that are not in the raw dataset: nope"):
-        preprocess_dataset(raw, tmp_path / "pre", {"input_size": [8, 8], "channels": 1, "excluded_cases": ["nope"]},
+        preprocess_dataset(raw, tmp_path / "pre", make_plan(input_size=[8, 8], excluded_cases=["nope"]),
                            progress=False)
     ddir = tmp_path / "pre" / "data_8x8"
     assert (ddir / "c0.json").is_file() and not (ddir / "c2.json").exists()  # the bad case is never marked done
@@ -153,12 +156,14 @@ def test_gray_case_in_colour_set_is_redone_with_three_channels(tmp_path):
     images = {f"c{i}": structured_image(rng, 30, 40, rgb=True) for i in range(3)}
     images["c1"] = np.repeat(images["c1"][:, :, :1], 3, axis=2)  # R = G = B
     raw = write_raw(tmp_path / "raw", images, {c: blob_label(rng, 30, 40, 2) for c in images})
-    fp = fingerprint_dataset(raw, tmp_path / "pre", input_size=(16, 16), num_workers=0, progress=False)
+    fp = fingerprint_dataset(raw, tmp_path / "pre", arrays=CaseArrays.at(tmp_path / "pre", (16, 16)),
+                             num_workers=0, progress=False)
     assert fp["rgb_is_gray"] is False and fp["arrays"]["channels_by_case"] == {"1": 1, "3": 2}
     ddir = data_dir(tmp_path / "pre", (16, 16))
     assert load_case(ddir, "c1")[0].shape == (1, 16, 16)
     before = _mtimes(ddir)
-    preprocess_dataset(raw, tmp_path / "pre", {"input_size": [16, 16], "channels": 3}, num_workers=0, progress=False)
+    preprocess_dataset(raw, tmp_path / "pre", make_plan(input_size=[16, 16], channels=3), num_workers=0,
+                       progress=False)
     after = _mtimes(ddir)
     assert load_case(ddir, "c1")[0].shape == (3, 16, 16)
     assert after["c1.npy"] != before["c1.npy"] and after["c2.npy"] == before["c2.npy"] and after["c0.npy"] == before["c0.npy"]

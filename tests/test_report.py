@@ -11,6 +11,7 @@ import pytest
 from medplan.evaluation.aggregate import evaluate_model, gather_all_folds, model_summary
 from medplan.evaluation.report import markdown, ranking, write_reports
 from medplan.io import atomic_write_json, atomic_write_png
+from medplan.plan import make_plan
 
 # dataset -> (class names, n_folds), arch -> per-fold mDSC (None = fold missing)
 DATA = {
@@ -32,8 +33,8 @@ def make_results(root: Path) -> Path:
         for arch, values in archs.items():
             for k, v in enumerate(values):
                 fold = root / dataset / arch / f"fold_{k}"
-                atomic_write_json(fold / "config.json", {"plan": {"labels": labels, "split": {"n_folds": 3},
-                                                                  "input_size": [32, 32], "dataset": dataset}})
+                plan = make_plan(dataset=dataset, labels=labels, split={"n_folds": 3}, input_size=[32, 32])
+                atomic_write_json(fold / "config.json", {"plan": plan.to_json()})
                 if v is not None:
                     atomic_write_json(fold / "validation" / "summary.json", fold_summary(v, names, 0.02))
     return root
@@ -109,9 +110,9 @@ def test_recomputed_from_label_maps_when_summary_is_absent(tmp_path, monkeypatch
     tp = fp = fn = 0
     for k in range(2):
         fold = tmp_path / "results" / "T" / "net" / f"fold_{k}"
-        atomic_write_json(fold / "config.json", {"val_cases": [f"c{k}"], "plan": {
-            "dataset": "T", "labels": {"background": 0, "fg": 1}, "split": {"n_folds": 2},
-            "input_size": [16, 16], "raw_dir": str(raw)}})
+        plan = make_plan(dataset="T", labels={"background": 0, "fg": 1}, split={"n_folds": 2}, input_size=[16, 16],
+                         raw_dir=str(raw))
+        atomic_write_json(fold / "config.json", {"val_cases": [f"c{k}"], "plan": plan.to_json()})
         gt = (rng.random((13, 21)) < 0.5).astype(np.uint8)
         pred = np.where(rng.random((13, 21)) < 0.2, 1 - gt, gt).astype(np.uint8)
         atomic_write_png(raw / "labels" / f"c{k}.png", gt)

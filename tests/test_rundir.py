@@ -12,6 +12,7 @@ import torch
 from medplan.errors import MedplanError
 from medplan.evaluation.metrics import logits_to_labels, logits_to_probs, probabilities_to_labels
 from medplan.io import atomic_write_json
+from medplan.plan import make_plan
 from medplan.rundir import (BEST, CHECKPOINTS, CONFIG, FINAL, LATEST, LOG, METRICS, RUN_FILES, STARTED_FILES, SUMMARY,
                             VALIDATION, RunDir, checkpoint_name, fold_dirs, fold_of, fold_sort_key, is_model_dir,
                             lr_search_runs, lr_tag)
@@ -193,8 +194,8 @@ def test_probabilities_to_labels_at_the_original_size():
 def test_a_trainer_for_prediction_is_fully_built_and_touches_nothing(tmp_path):
     from medplan.trainers import Trainer
 
-    plan = {"channels": 1, "num_outputs": 3, "loss": "ce"}  # a plan without a training recipe
-    trainer = Trainer.for_prediction(tmp_path / "fold_1", arch="unet", plan=plan, model_options={"depth": 2},
+    trainer = Trainer.for_prediction(tmp_path / "fold_1", arch="unet", plan=make_plan(num_classes=3),
+                                     model_options={"depth": 2},
                                      fold="1")
     assert trainer.train_cases == trainer.val_cases == [] and trainer.model is None and not trainer.resuming
     assert trainer.run_dir == RunDir(tmp_path / "fold_1") and not (tmp_path / "fold_1").exists()

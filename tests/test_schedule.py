@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from medplan.errors import MedplanError
+from medplan.plan import LR_SCHEDULES, make_plan
 from medplan.trainers import lr_tag
 from medplan.trainers.schedule import build_scheduler, rex_factor, rex_lr
 
@@ -24,7 +25,7 @@ def test_rex_decays_slower_than_linear_and_monotonically():
 def test_scheduler_steps_per_optimizer_step_and_survives_state_dict():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.AdamW([p], lr=1e-3)
-    sched = build_scheduler(opt, {"name": "rex"}, total_steps=10)
+    sched = build_scheduler(opt, "rex", total_steps=10)
     seen = []
     for _ in range(5):
         seen.append(opt.param_groups[0]["lr"])
@@ -33,7 +34,7 @@ def test_scheduler_steps_per_optimizer_step_and_survives_state_dict():
     assert seen == pytest.approx([1e-3 * rex_factor(t, 10) for t in range(5)])
     # restored as a resumed run restores it (optimizer, then scheduler), it continues at step 5
     opt2 = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    sched2 = build_scheduler(opt2, {"name": "rex"}, total_steps=10)
+    sched2 = build_scheduler(opt2, "rex", total_steps=10)
     opt2.load_state_dict(opt.state_dict())
     sched2.load_state_dict(sched.state_dict())
     assert math.isclose(opt2.param_groups[0]["lr"], 1e-3 * rex_factor(5, 10))
@@ -41,10 +42,14 @@ def test_scheduler_steps_per_optimizer_step_and_survives_state_dict():
     assert opt2.param_groups[0]["lr"] == pytest.approx(opt.param_groups[0]["lr"]) == pytest.approx(1e-3 * rex_factor(6, 10))
 
 
-def test_unknown_schedule_is_a_medplan_error():
+def test_unknown_schedule_is_refused_with_the_plan():
+    with pytest.raises(MedplanError, match="'lr_schedule.name' must be one of rex, constant"):
+        make_plan(lr_schedule={"name": "cosine"})
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
-    with pytest.raises(MedplanError, match="cosine"):
-        build_scheduler(opt, {"name": "cosine"}, 10)
+    for name in LR_SCHEDULES:  # every name a plan may hold has a scheduler
+        build_scheduler(opt, name.upper(), 10)
+    with pytest.raises(ValueError, match="cosine"):
+        build_scheduler(opt, "cosine", 10)
 
 
 def test_lr_tag_keeps_every_digit():

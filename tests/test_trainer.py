@@ -9,6 +9,7 @@ import torch
 from medplan.cli.train import main as train_main
 from medplan.errors import MedplanError
 from medplan.io import atomic_write_json, read_image
+from medplan.plan import make_plan
 from medplan.architectures import build_model
 from medplan.trainers import EarlyStopping, Trainer, get_trainer, list_trainers, lr_tag, register_trainer, train, tune
 from medplan.trainers import registry as trainer_registry
@@ -250,13 +251,13 @@ def test_early_stopping_ends_the_run_complete(tmp_path, monkeypatch):
 
 def test_losses_follow_the_plan():
     seg = torch.tensor([[[0, 1], [1, 0]]])
-    bce = build_loss({"loss": "bce", "num_outputs": 1})
+    bce = build_loss(make_plan(num_classes=2))  # bce, one output
     good = (seg.float() * 2 - 1)[:, None] * 20  # confident and right
     assert bce(good, seg) < 1e-6 < bce(-good, seg)
-    ce = build_loss({"loss": "ce", "num_outputs": 3})
+    ce = build_loss(make_plan(num_classes=3))  # ce, three outputs
     logits = torch.nn.functional.one_hot(seg, 3).permute(0, 3, 1, 2).float() * 20
     assert ce(logits, seg) < 1e-6
     with pytest.raises(RuntimeError, match="expects 3"):
         ce(logits[:, :2], seg)
-    with pytest.raises(MedplanError):
-        build_loss({"loss": "dice", "num_outputs": 1})
+    with pytest.raises(MedplanError, match="'loss' must be one of bce, ce"):  # refused with the plan
+        make_plan(loss="dice")

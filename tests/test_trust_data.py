@@ -206,7 +206,7 @@ def test_decisions_with_and_without_patient_groups():
 
 def _convert_and_fingerprint(src: Path, tmp_path: Path, name: str) -> tuple[dict, list[dict]]:
     raw = convert_dataset("auto", src, name, raw_root=tmp_path / "raw", progress=False)
-    fp = fingerprint_dataset(raw, tmp_path / "pre" / name, input_size=None, num_workers=0, progress=False)
+    fp = fingerprint_dataset(raw, tmp_path / "pre" / name, num_workers=0, progress=False)
     with open(tmp_path / "pre" / name / "duplicates.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     return fp, rows

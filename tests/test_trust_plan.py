@@ -1,4 +1,4 @@
-"""The plan schema is complete and plan + splits are one step (issue 11, items 5 and 6).
+"""The plan's checks (medplan.plan) are complete and plan + splits are one step (issue 11, items 5 and 6).
 
 Every key of plans.json is type- and range-checked when it is read, an unknown key is an
 error with a "did you mean", ``--set lr=abc`` fails at medplan_plan time, and a failed split
@@ -20,7 +20,7 @@ from medplan.datasets import synthetic
 from medplan.errors import MedplanError
 from medplan.planners import get_planner
 from medplan.planners.overrides import apply_overrides, parse_set_args
-from medplan.planners.schema import LR_SCHEDULES, SPEC, finalize_plan
+from medplan.plan import LR_SCHEDULES, SPEC, Plan
 from medplan.trainers import base as trainer_base
 from trainer_fixtures import make_dataset, use_roots
 
@@ -33,6 +33,11 @@ def _one_line(capsys, prog):
 
 
 # ----------------------------------------------------------------------------- the schema
+def checked(plan, source="plans.json"):
+    """The plan's JSON read through :meth:`Plan.from_json` and written back."""
+    return Plan.from_json(plan, source=source).to_json()
+
+
 def default_plan(tmp_path, rgb=False, groups=True):
     fp = {"dataset": "X", "num_cases": 10, "num_kept": 10, "channels": 3 if rgb else 1,
           "intensity": {"mean": [50.0] * (3 if rgb else 1), "std": [20.0] * (3 if rgb else 1)},
@@ -46,9 +51,9 @@ def default_plan(tmp_path, rgb=False, groups=True):
 
 @pytest.mark.parametrize("rgb, groups", [(False, True), (True, False)])
 def test_every_key_the_planner_and_pipeline_write_is_known(tmp_path, rgb, groups):
-    plan = finalize_plan(apply_overrides(default_plan(tmp_path, rgb, groups), {"epochs.cv": 3}))
+    plan = checked(apply_overrides(default_plan(tmp_path, rgb, groups), {"epochs.cv": 3}))
     assert set(plan) <= set(SPEC) and "overrides" in plan
-    assert finalize_plan(json.loads(json.dumps(plan))) == plan  # a written plan reads back unchanged
+    assert checked(json.loads(json.dumps(plan))) == plan  # a written plan reads back unchanged
 
 
 def test_lr_schedules_match_the_trainer():
@@ -120,9 +125,9 @@ DELETE = object()
     ("duplicates.threshold", "6", "'duplicates.threshold'"),
 ])
 def test_wrong_types_and_ranges_are_one_line_errors(tmp_path, key, value, message):
-    plan = finalize_plan(default_plan(tmp_path))
+    plan = checked(default_plan(tmp_path))
     with pytest.raises(MedplanError) as info:
-        finalize_plan(_set(plan, key, value), source="plans.json")
+        checked(_set(plan, key, value), source="plans.json")
     text = str(info.value)
     assert message in text and text.startswith("plans.json: ") and "\n" not in text, text
 
@@ -135,9 +140,9 @@ def test_wrong_types_and_ranges_are_one_line_errors(tmp_path, key, value, messag
     ("split.nfolds", "n_folds"),
 ])
 def test_unknown_keys_are_errors_with_a_suggestion(tmp_path, key, close):
-    plan = finalize_plan(default_plan(tmp_path))
+    plan = checked(default_plan(tmp_path))
     with pytest.raises(MedplanError, match=f"unknown key .*did you mean '{close}'"):
-        finalize_plan(_set(plan, key, 1))
+        checked(_set(plan, key, 1))
 
 
 # ----------------------------------------------------------------------------- at load and at --set

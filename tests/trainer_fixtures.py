@@ -12,19 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from medplan.io import atomic_write_json, atomic_write_png
+from medplan.names import is_valid_name
+from medplan.plan import Plan, make_plan
 from medplan.preprocessing import write_case
 
 TINY_MODEL = {"base_channels": 4, "depth": 2}
 FAST = {"device": "cpu", "num_workers": 0, "progress": False}
-
-AUGMENTATION_OFF = {
-    "rotation_deg": 0.0, "p_rotation": 0.0, "scale": [1.0, 1.0], "p_scale": 0.0,
-    "hflip": False, "vflip": False, "rot90": False,
-    "brightness": 0.0, "contrast": 0.0, "p_intensity": 0.0,
-    "saturation": 0.0, "hue": 0.0, "p_color": 0.0,
-    "gamma": [1.0, 1.0], "p_gamma": 0.0, "noise_std": 0.0, "p_noise": 0.0,
-    "blur_sigma": [0.5, 1.0], "p_blur": 0.0,
-}
 
 
 def _case(rng: np.random.Generator, shape: tuple[int, int], num_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -47,8 +40,9 @@ def _case(rng: np.random.Generator, shape: tuple[int, int], num_classes: int) ->
 
 def make_dataset(root: Path, name: str = "TOY", *, n_cases: int = 12, n_folds: int = 3, num_classes: int = 2,
                  input_size: int = 32, batch_size: int = 4, epochs: dict | None = None, lr: float = 3e-3,
-                 lr_grid: list[float] | None = None, patience: int = 30, seed: int = 0) -> dict:
-    """Write raw/NAME, preprocessed/NAME (plans, splits, arrays) under ``root``; return the plan.
+                 lr_grid: list[float] | None = None, patience: int = 30, seed: int = 0) -> Plan | None:
+    """Write raw/NAME, preprocessed/NAME (plans, splits, arrays) under ``root``; return the plan
+    (None for a ``name`` no plan may hold: tests of refused names write one all the same).
 
     Point MEDPLAN_RAW / MEDPLAN_PREPROCESSED / MEDPLAN_RESULTS at ``root/{raw,preprocessed,results}``.
     """
@@ -71,29 +65,17 @@ def make_dataset(root: Path, name: str = "TOY", *, n_cases: int = 12, n_folds: i
                                               "labels": labels, "modality": "unknown", "num_cases": n_cases})
     (raw / "cases.csv").write_text("case_id,group\n" + "".join(f"{c},{c}\n" for c in cases))
     allpix = np.concatenate(pixels).astype(np.float64)
-    binary = num_classes == 2
-    plan = {
-        "dataset": name, "planner": "test", "medplan_version": "0.1.0", "created": "2026-01-01T00:00:00",
-        "modality": "gray", "channels": 1, "image_modality": "unknown", "labels": labels,
-        "num_classes": num_classes, "task": "binary" if binary else "multiclass",
-        "loss": "bce" if binary else "ce", "num_outputs": 1 if binary else num_classes,
-        "split": {"strategy": "kfold", "n_folds": n_folds, "seed": 12345, "group_column": None},
-        "input_size": [input_size, input_size], "batch_size": batch_size,
-        "normalization": {"scheme": "zscore", "mean": [float(allpix.mean())], "std": [float(allpix.std())]},
-        "augmentation": dict(AUGMENTATION_OFF),
-        "optimizer": {"name": "AdamW", "weight_decay": 0.01, "betas": [0.9, 0.999]},
-        "lr_schedule": {"name": "rex"},
-        "lr_grid": lr_grid or [3e-3, 1e-4], "lr": lr,
-        "epochs": epochs or {"lr_search": 2, "cv": 3},
-        "early_stopping": {"monitor": "val_mIoU", "mode": "max", "patience": patience, "min_delta": 0.001},
-        "duplicates": {"n_dropped": 0}, "excluded_cases": [], "reasons": {},
-        "raw_dir": str(raw.resolve()),
-    }
+    plan = make_plan(labels=labels, split={"n_folds": n_folds}, input_size=[input_size, input_size],
+                     batch_size=batch_size, normalization={"mean": [float(allpix.mean())], "std": [float(allpix.std())]},
+                     lr_grid=lr_grid or [3e-3, 1e-4], lr=lr, epochs=epochs or {"lr_search": 2, "cv": 3},
+                     early_stopping={"patience": patience}, duplicates={"n_dropped": 0},
+                     raw_dir=str(raw.resolve())).to_json()
+    plan["dataset"] = name
     atomic_write_json(pre / "plans.json", plan)
     folds = [cases[k::n_folds] for k in range(n_folds)]
     splits = [{"train": sorted(c for c in cases if c not in folds[k]), "val": sorted(folds[k])} for k in range(n_folds)]
     atomic_write_json(pre / "splits.json", splits)
-    return plan
+    return Plan.from_json(plan) if is_valid_name(name) else None
 
 
 def use_roots(monkeypatch, root: Path) -> None:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from medplan.architectures.card import ModelCard, Weights
+from medplan.architectures.pretrained import weights_dir
 from medplan.architectures.registry import register_model
 from medplan.architectures.unet import UNET_INPUT, UNet
 from medplan.errors import MedplanError
@@ -101,8 +102,6 @@ def llm_folder(llm_path: str | Path | None = None) -> Path:
     """The local Hugging Face folder of the LLM: ``llm_path`` or ``$MEDPLAN_WEIGHTS/Llama-3.2-1B``."""
     if llm_path is not None:
         return Path(llm_path).expanduser()
-    from medplan.architectures.pretrained import weights_dir
-
     return weights_dir() / LLM_FOLDER
 
 

@@ -15,7 +15,10 @@ from typing import Any, Iterable
 import torch
 import torch.nn.functional as F
 
+from medplan import paths
+from medplan.architectures.registry import build_model, count_parameters, get_entry
 from medplan.errors import MedplanError
+from medplan.io import atomic_write_json, read_json
 
 EFFICIENCY_FILE = "efficiency.json"
 
@@ -35,8 +38,6 @@ def measure_model(name: str, *, size: tuple[int, int] = (512, 512), in_channels:
                   batch_size: int = 2, steps: int = 5, warmup: int = 1, device: str = "auto",
                   model_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """Time ``steps`` AdamW training steps and ``steps`` inference batches (after ``warmup``)."""
-    from medplan.architectures import build_model, count_parameters, get_entry
-
     if steps < 1 or batch_size < 1 or min(size) < 1:
         raise MedplanError(f"measure needs steps, batch size and size >= 1, got {steps}, {batch_size}, {tuple(size)}")
     get_entry(name)
@@ -102,15 +103,11 @@ def measure_model(name: str, *, size: tuple[int, int] = (512, 512), in_channels:
 
 
 def efficiency_path(results_root: str | Path | None = None) -> Path:
-    from medplan.paths import results_root as default_root
-
-    return (Path(results_root) if results_root is not None else default_root()) / EFFICIENCY_FILE
+    return paths.results_root(results_root) / EFFICIENCY_FILE
 
 
 def load_measurements(results_root: str | Path | None = None) -> dict[str, dict]:
     """``{arch: measurement}`` from efficiency.json (empty when nothing was measured yet)."""
-    from medplan.io import read_json
-
     path = efficiency_path(results_root)
     return dict(read_json(path).get("models", {})) if path.is_file() else {}
 
@@ -118,8 +115,6 @@ def load_measurements(results_root: str | Path | None = None) -> dict[str, dict]
 def measure_models(names: Iterable[str], *, results_root: str | Path | None = None, save: bool = True,
                    **kwargs: Any) -> list[dict[str, Any]]:
     """Measure each architecture; with ``save`` merge the figures into efficiency.json."""
-    from medplan.io import atomic_write_json
-
     rows = [measure_model(n, **kwargs) for n in names]
     if save:
         models = load_measurements(results_root)

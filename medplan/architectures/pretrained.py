@@ -33,6 +33,7 @@ from torch import nn
 from medplan.architectures.card import HUB_FILES, STRIP_PREFIXES, Weights, WeightsFile
 from medplan.errors import MedplanError
 from medplan.paths import DEFAULT_ROOT
+from medplan.safeload import unsafe_reason
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +74,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         else:  # data only: a pickle that names any callable is refused before it runs
             state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # error path only; against the layer order (architectures below trainers) until the
-        # safe-loading explanation moves down next to medplan.io (issue 12)
-        from medplan.trainers.checkpoint import unsafe_reason
-
         raise MedplanError(f"not a weights file or not safe to load ({unsafe_reason(path, exc)}); "
                            "medplan runs no code from weights files", path) from None
     except Exception as exc:  # corrupt or foreign files raise many types

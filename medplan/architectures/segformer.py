@@ -102,7 +102,7 @@ def build_mit(in_channels: int, *, embed_dims: Sequence[int] | None = None, dept
     config = dict(MIT_B3, drop_path_rate=float(drop_path_rate))
     for key, value in (("embed_dims", embed_dims), ("depths", depths), ("num_heads", num_heads)):
         if value is not None:
-            config[key] = _int_list(value, key, name, length=4)
+            config[key] = int_list(value, key, name, length=4)
     if any(d % h for d, h in zip(config["embed_dims"], config["num_heads"])):
         raise MedplanError(f"{name}: embed_dims {config['embed_dims']} must be multiples of num_heads "
                            f"{config['num_heads']}")
@@ -131,7 +131,7 @@ class SegFormer(nn.Module):
         return F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
 
 
-def _int_list(value: Sequence[int], what: str, name: str, length: int | None = None) -> list[int]:
+def int_list(value: Sequence[int], what: str, name: str, length: int | None = None) -> list[int]:
     try:
         out = [int(v) for v in value]
     except (TypeError, ValueError):
@@ -169,5 +169,5 @@ def segformer_b3(in_channels: int, num_classes: int, *, drop_path_rate: float = 
     name = "segformer_b3"
     encoder = build_mit(in_channels, embed_dims=embed_dims, depths=depths, num_heads=num_heads,
                         drop_path_rate=check_drop_path(drop_path_rate, name), name=name)
-    channels = _int_list([decoder_channels], "decoder_channels", name)[0]
+    channels = int_list([decoder_channels], "decoder_channels", name)[0]
     return SegFormer(encoder, num_classes, decoder_channels=channels)

@@ -69,7 +69,7 @@ from torch import nn
 from medplan.architectures.card import InputContract, LayerDecay, ModelCard, ParamGroups, Weights, WeightsFile
 from medplan.architectures.registry import register_model
 from medplan.architectures.segformer import (
-    MIT_B3_WEIGHTS, SEGFORMER_DEVIATION, _int_list, build_mit, check_drop_path, segformer_param_groups,
+    MIT_B3_WEIGHTS, SEGFORMER_DEVIATION, int_list, build_mit, check_drop_path, segformer_param_groups,
 )
 from medplan.errors import MedplanError
 
@@ -337,8 +337,8 @@ class VWFormer(nn.Module):
 
 
 def _head_options(name: str, channels: int, nheads: int, short_cut: bool) -> dict:
-    channels = _int_list([channels], "channels", name)[0]
-    nheads = _int_list([nheads], "nheads", name)[0]
+    channels = int_list([channels], "channels", name)[0]
+    nheads = int_list([nheads], "nheads", name)[0]
     if not isinstance(short_cut, bool):
         raise MedplanError(f"{name}: short_cut must be true or false, got {short_cut!r}")
     return {"channels": channels, "nheads": nheads, "short_cut": short_cut}
@@ -415,7 +415,7 @@ def vwformer_convnext_s(in_channels: int, num_classes: int, *, drop_path_rate: f
     name = "vwformer_convnext_s"
     head = _head_options(name, channels, nheads, short_cut)
     backbone = ConvNeXtBackbone(
-        in_channels, depths=CONVNEXT_S["depths"] if depths is None else _int_list(depths, "depths", name, 4),
-        dims=CONVNEXT_S["dims"] if dims is None else _int_list(dims, "dims", name, 4),
+        in_channels, depths=CONVNEXT_S["depths"] if depths is None else int_list(depths, "depths", name, 4),
+        dims=CONVNEXT_S["dims"] if dims is None else int_list(dims, "dims", name, 4),
         drop_path_rate=check_drop_path(drop_path_rate, name))
     return VWFormer(backbone, num_classes, **head)

@@ -4,11 +4,11 @@ from __future__ import annotations
 import argparse
 
 from medplan.cli import entry_point
+from medplan.datasets import FORMATS, convert_dataset
+from medplan.io import read_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from medplan.datasets import FORMATS
-
     formats = "\n".join(f"  {name:<9} {imp.description}" for name, imp in FORMATS.items())
     parser = argparse.ArgumentParser(
         prog="medplan_convert",
@@ -34,9 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
 @entry_point("medplan_convert")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from medplan.datasets import convert_dataset
-    from medplan.io import read_json
-
     options = {k: getattr(args, k) for k in ("value_map", "images", "masks", "label_names", "modality")}
     dest = convert_dataset(args.format, args.source, args.name, progress=not args.no_progress, force=args.force,
                            workers=args.workers, **options)

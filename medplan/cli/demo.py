@@ -5,6 +5,7 @@ import argparse
 import sys
 
 from medplan.cli import entry_point
+from medplan.demo import run_demo
 
 TARGET_MDSC = 0.80
 
@@ -21,8 +22,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    from medplan.demo import run_demo
-
     summary = run_demo(args.root, n_patients=args.patients, epochs=args.epochs, arch=args.arch,
                        input_size=args.input_size, device=args.device, progress=not args.no_progress)
     if summary["mDSC"] < TARGET_MDSC:

@@ -12,6 +12,11 @@ import argparse
 
 from medplan.cli import entry_point
 from medplan.errors import MedplanError
+from medplan.evaluation.aggregate import gather_all_folds, write_cv_summaries
+from medplan.evaluation.compare import format_comparison, paired_comparison, worst_cases, write_comparison
+from medplan.evaluation.evaluate import cross_dataset_evaluation, evaluate_folders
+from medplan.evaluation.report import format_folds, format_table, write_reports
+from medplan.io import atomic_write_json
 
 
 def _fold(value: str) -> int | str:
@@ -88,9 +93,6 @@ def main(argv: list[str] | None = None) -> int:
     progress = not args.no_progress
 
     if args.pred or args.gt:
-        from medplan.evaluation.evaluate import evaluate_folders
-        from medplan.io import atomic_write_json
-
         if not (args.pred and args.gt and args.labels):
             raise MedplanError("a folder pair needs --pred, --gt and --labels")
         summary = evaluate_folders(args.pred, args.gt, args.labels, args.names, input_size=args.input_size,
@@ -102,8 +104,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.model_from or args.on:
-        from medplan.evaluation.evaluate import cross_dataset_evaluation
-
         arch = one(args.arch, "architecture (-a)")
         if not (args.model_from and args.on and arch):
             raise MedplanError("cross-dataset evaluation needs --model-from DATASET -a ARCH --on DATASET")
@@ -115,8 +115,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     if args.compare or args.worst is not None:
-        from medplan.evaluation.compare import format_comparison, paired_comparison, worst_cases, write_comparison
-
         dataset = one(args.dataset, "dataset (-d)")
         if not dataset:
             raise MedplanError("--compare / --worst need -d DATASET")
@@ -138,9 +136,6 @@ def main(argv: list[str] | None = None) -> int:
     if not (args.all_folds or args.dataset or args.arch):
         raise MedplanError("nothing to evaluate: give --all-folds, -d/-a, --pred/--gt, --compare or --model-from "
                            "(see --help)")
-    from medplan.evaluation.aggregate import gather_all_folds, write_cv_summaries
-    from medplan.evaluation.report import format_folds, format_table, write_reports
-
     df = gather_all_folds(recompute=args.recompute, at_input_size=args.at_input_size, datasets=args.dataset,
                           archs=args.arch, progress=progress)
     if args.dataset or args.arch:

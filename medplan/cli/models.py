@@ -5,7 +5,8 @@ import argparse
 import json
 from typing import Any
 
-from medplan.architectures import describe_models
+from medplan.architectures import describe_models, list_models
+from medplan.architectures.measure import efficiency_path, measure_models
 from medplan.cli import entry_point
 from medplan.errors import MedplanError
 from medplan.names import check_names
@@ -86,9 +87,6 @@ def format_measurements(rows: list[dict[str, Any]]) -> str:
 
 
 def _measure(args: argparse.Namespace) -> int:
-    from medplan.architectures import list_models
-    from medplan.architectures.measure import efficiency_path, measure_models
-
     rows = measure_models(args.names or list_models(), size=(args.size[0], args.size[1]),
                           in_channels=args.in_channels, num_classes=args.num_classes, batch_size=args.batch_size,
                           steps=args.steps, device=args.device)

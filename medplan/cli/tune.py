@@ -11,6 +11,8 @@ import sys
 from medplan.cli import entry_point
 from medplan.names import check_name
 from medplan.cli.train import add_run_arguments, launch, parse_model_options, run_overrides, weight_options
+from medplan.trainers import tune
+from medplan.trainers.distributed import cleanup
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,9 +38,6 @@ def main(argv: list[str] | None = None) -> int:
     code = launch(args, argv, "medplan.cli.tune", overrides, model_options)
     if code is not None:
         return code
-    from medplan.trainers import tune
-    from medplan.trainers.distributed import cleanup
-
     try:
         result = tune(args.dataset, args.arch, lrs=args.lrs, epochs=args.epochs, fold=args.fold,
                       overrides=overrides, model_options=model_options, force=args.force)

@@ -1,6 +1,6 @@
 """Training data: the plan's augmentation (batched torch ops) and the loaders that feed it."""
-from medplan.data.augmentation import AugmentationConfig, AugmentParams, BatchAugmenter, build_augmentation
+from medplan.data.augmentation import AugmentParams, BatchAugmenter, build_augmentation
 from medplan.data.loader import TrainLoader, batch_generator, epoch_order, iterate_validation
 
-__all__ = ["AugmentationConfig", "AugmentParams", "BatchAugmenter", "build_augmentation", "TrainLoader",
+__all__ = ["AugmentParams", "BatchAugmenter", "build_augmentation", "TrainLoader",
            "batch_generator", "epoch_order", "iterate_validation"]

@@ -3,7 +3,9 @@
 One :class:`BatchAugmenter` serves both loader modes: on a GPU the main process augments
 whole uint8 batches after the copy to the device; on a CPU the loader's workers call the very
 same object on CPU tensors. Parameters are drawn per sample from exactly the ranges in
-``plans.json["augmentation"]`` (see docs/formats.md) and nothing else.
+``plans.json["augmentation"]`` (see docs/formats.md) and nothing else: the augmenter reads the
+plan's :class:`~medplan.plan.Augmentation` (the one table of augmentation keys, checked when the
+plan was read).
 
 Order: geometry (rotation, scale (s > 1 enlarges the content), flips and 90-degree turns
 composed into one affine map per sample and resampled once: bilinear for the image, nearest
@@ -33,8 +35,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from medplan.errors import MedplanError
-from medplan.planners.schema import AUGMENTATION_OFF as AUGMENTATION_KEYS
+from medplan.plan import Augmentation
 
 # RGB <-> YIQ (NTSC). Y is the ITU-R 601 luma, so scaling I and Q by s is exactly torchvision's
 # saturation (a blend with the grey image), and turning the (I, Q) plane shifts the hue.
@@ -49,75 +50,6 @@ _SLOTS = ("rot_gate", "rot", "scale_gate", "scale", "hflip", "vflip", "rot90",
           "bright_gate", "bright", "contrast_gate", "contrast", "gamma_gate", "gamma",
           "color_gate", "saturation", "hue", "noise_gate", "blur_gate", "blur")
 _S = {name: i for i, name in enumerate(_SLOTS)}
-
-
-@dataclass(frozen=True)
-class AugmentationConfig:
-    """Validated ``plans.json["augmentation"]``."""
-
-    rotation_deg: float
-    p_rotation: float
-    scale: tuple[float, float]
-    p_scale: float
-    hflip: bool
-    vflip: bool
-    rot90: bool
-    brightness: float
-    contrast: float
-    p_intensity: float
-    saturation: float
-    hue: float
-    p_color: float
-    gamma: tuple[float, float]
-    p_gamma: float
-    noise_std: float
-    p_noise: float
-    blur_sigma: tuple[float, float]
-    p_blur: float
-
-    @classmethod
-    def from_plan(cls, plan: dict) -> "AugmentationConfig":
-        """Read ``plan["augmentation"]`` (or an augmentation dict itself); missing keys are off."""
-        aug = plan.get("augmentation", plan) if isinstance(plan, dict) else None
-        if not isinstance(aug, dict):
-            raise MedplanError("'augmentation' must be a dictionary", "plans.json")
-        unknown = sorted(set(aug) - set(AUGMENTATION_KEYS))
-        if unknown:
-            raise MedplanError(f"unknown augmentation key(s) {', '.join(unknown)}; known: "
-                               f"{', '.join(AUGMENTATION_KEYS)}", "plans.json")
-        values = {**AUGMENTATION_KEYS, **aug}
-
-        def number(key: str, lo: float = 0.0, hi: float = math.inf) -> float:
-            v = values[key]
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-                raise MedplanError(f"augmentation.{key} must be a number in [{lo}, {hi}], got {v!r}", "plans.json")
-            return float(v)
-
-        def span(key: str, lo: float) -> tuple[float, float]:
-            v = values[key]
-            if (not isinstance(v, (list, tuple)) or len(v) != 2
-                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
-                    or not lo < v[0] <= v[1]):
-                raise MedplanError(f"augmentation.{key} must be [low, high] with {lo} < low <= high, got {v!r}",
-                                   "plans.json")
-            return float(v[0]), float(v[1])
-
-        def flag(key: str) -> bool:
-            if not isinstance(values[key], bool):
-                raise MedplanError(f"augmentation.{key} must be true or false, got {values[key]!r}", "plans.json")
-            return values[key]
-
-        return cls(
-            rotation_deg=number("rotation_deg", 0.0, 180.0), p_rotation=number("p_rotation", 0, 1),
-            scale=span("scale", 0.0), p_scale=number("p_scale", 0, 1),
-            hflip=flag("hflip"), vflip=flag("vflip"), rot90=flag("rot90"),
-            brightness=number("brightness", 0.0, 1.0), contrast=number("contrast", 0.0, 1.0),
-            p_intensity=number("p_intensity", 0, 1),
-            saturation=number("saturation", 0.0, 1.0), hue=number("hue", 0.0, 0.5), p_color=number("p_color", 0, 1),
-            gamma=span("gamma", 0.0), p_gamma=number("p_gamma", 0, 1),
-            noise_std=number("noise_std", 0.0, 1.0), p_noise=number("p_noise", 0, 1),
-            blur_sigma=span("blur_sigma", 0.0), p_blur=number("p_blur", 0, 1),
-        )
 
 
 @dataclass
@@ -149,7 +81,7 @@ class BatchAugmenter:
     device: the noise is drawn on the batch's device); parameters are always drawn on the CPU.
     """
 
-    def __init__(self, config: AugmentationConfig):
+    def __init__(self, config: Augmentation):
         self.config = config
         c = config
         self.do_rotation = c.p_rotation > 0 and c.rotation_deg > 0
@@ -299,9 +231,9 @@ class BatchAugmenter:
         return x, segs
 
 
-def build_augmentation(plan: dict) -> BatchAugmenter:
-    """The :class:`BatchAugmenter` for ``plan["augmentation"]`` (MedplanError on bad values)."""
-    return BatchAugmenter(AugmentationConfig.from_plan(plan))
+def build_augmentation(augmentation: Augmentation) -> BatchAugmenter:
+    """The :class:`BatchAugmenter` for a plan's augmentation (``plan.augmentation``)."""
+    return BatchAugmenter(augmentation)
 
 
 # ---------------------------------------------------------------------- helpers

@@ -36,6 +36,7 @@ from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
 
 from medplan.data.augmentation import BatchAugmenter, build_augmentation
 from medplan.errors import MedplanError
+from medplan.plan import Plan
 from medplan.preprocessing import load_case, normalize
 
 log = logging.getLogger(__name__)
@@ -103,7 +104,7 @@ class _BatchSource(SlimDataLoaderBase):
     process receives g = 0, 1, 2, ... in order. Errors travel as items, raised in the main process.
     """
 
-    def __init__(self, data_dir: Path, case_ids: list[str], plan: dict, batch_size: int, seed: int,
+    def __init__(self, data_dir: Path, case_ids: list[str], plan: Plan, batch_size: int, seed: int,
                  per_epoch: int, augment: bool, num_workers: int, start_epoch: int):
         super().__init__(None, batch_size, max(1, num_workers))
         self.data_dir = data_dir
@@ -111,8 +112,8 @@ class _BatchSource(SlimDataLoaderBase):
         self.plan = plan
         self.seed = seed
         self.per_epoch = per_epoch
-        self.augmenter: BatchAugmenter | None = build_augmentation(plan) if augment else None
-        self.shape = (int(plan["channels"]), *map(int, plan["input_size"]))
+        self.augmenter: BatchAugmenter | None = build_augmentation(plan.augmentation) if augment else None
+        self.shape = (plan.channels, *plan.input_size)
         self.start_epoch = start_epoch
         self._next_g: int | None = None
         self._open: dict = {}  # case id -> memory maps, filled lazily in each process
@@ -139,7 +140,7 @@ class _BatchSource(SlimDataLoaderBase):
             out.update(image=images, seg=segs)
             return out
         x, y = self.augmenter(torch.from_numpy(images), torch.from_numpy(segs), batch_generator(self.seed, epoch, k))
-        out.update(image=normalize(x, self.plan).to(_WIRE_DTYPE).numpy(), seg=y.numpy())
+        out.update(image=normalize(x, self.plan.normalization).to(_WIRE_DTYPE).numpy(), seg=y.numpy())
         return out
 
     def generate_train_batch(self) -> dict:
@@ -168,7 +169,7 @@ class TrainLoader:
     the workers; they are also stopped when the loader is garbage-collected or at exit.
     """
 
-    def __init__(self, data_dir: str | Path, case_ids: list[str], plan: dict, *, batch_size: int,
+    def __init__(self, data_dir: str | Path, case_ids: list[str], plan: Plan, *, batch_size: int,
                  num_workers: int | None = None, seed: int = 0, device: str | torch.device = "cpu",
                  augment_on: Literal["auto", "device", "workers"] = "auto", pin_memory: bool | None = None,
                  drop_last: bool = True):
@@ -197,8 +198,8 @@ class TrainLoader:
         self.drop_last = drop_last
         n = len(self.case_ids)
         self._len = max(1, n // batch_size if drop_last else -(-n // batch_size))
-        self.augmenter = build_augmentation(plan)  # validates the plan here, in the main process
-        shape = (int(plan["channels"]), *map(int, plan["input_size"]))
+        self.augmenter = build_augmentation(plan.augmentation)
+        shape = (plan.channels, *plan.input_size)
         _check_cases(self.data_dir, sorted(set(self.case_ids)), shape)
         self._source = _BatchSource(self.data_dir, self.case_ids, plan, batch_size, seed, self._len,
                                     augment=augment_on == "workers", num_workers=self.num_workers, start_epoch=0)
@@ -277,7 +278,7 @@ class TrainLoader:
         if self.augment_on == "device":
             gen = batch_generator(self.seed, item["epoch"], item["index"])
             image, seg = self.augmenter(image, seg, gen)
-            image = normalize(image, self.plan)
+            image = normalize(image, self.plan.normalization)
         else:
             image = image.to(torch.float32)
         return {"image": image.contiguous(), "seg": seg.long(), "case_ids": list(item["case_ids"])}
@@ -310,7 +311,7 @@ def _stop(mta) -> None:
         log.debug("stopping loader workers: %s", exc)
 
 
-def iterate_validation(data_dir: str | Path, case_ids: Sequence[str], plan: dict, *, batch_size: int,
+def iterate_validation(data_dir: str | Path, case_ids: Sequence[str], plan: Plan, *, batch_size: int,
                        device: str | torch.device = "cpu") -> Iterator[dict]:
     """Whole validation images in the given order, normalized, without augmentation.
 
@@ -320,12 +321,12 @@ def iterate_validation(data_dir: str | Path, case_ids: Sequence[str], plan: dict
     if not isinstance(batch_size, int) or batch_size < 1:
         raise MedplanError(f"batch_size must be a positive integer, got {batch_size!r}")
     data_dir, device = Path(data_dir), torch.device(device)
-    shape = (int(plan["channels"]), *map(int, plan["input_size"]))
+    shape = (plan.channels, *plan.input_size)
     ids = [str(c) for c in case_ids]
     _check_cases(data_dir, sorted(set(ids)), shape)
     for start in range(0, len(ids), batch_size):
         cases = ids[start:start + batch_size]
         images, segs = _load_batch(data_dir, cases, shape)
         image = torch.from_numpy(images).to(device)
-        yield {"image": normalize(image.to(torch.float32), plan), "seg": torch.from_numpy(segs).to(device).long(),
+        yield {"image": normalize(image.to(torch.float32), plan.normalization), "seg": torch.from_numpy(segs).to(device).long(),
                "case_ids": cases}

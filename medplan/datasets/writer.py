@@ -17,7 +17,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 from PIL import Image
@@ -28,7 +28,9 @@ from medplan.errors import MedplanError
 from medplan.names import check_name
 from medplan.io import (ITK_SUFFIXES, atomic_directory, atomic_write_json, image_suffix, os_error_from_record,
                         os_error_record, os_errors, png_bytes, read_image, read_json, to_uint8)
+from medplan.locks import exclusive_lock, remove_stale_siblings
 from medplan.paths import raw_root as default_raw_root
+from medplan.progress import progress_bar
 
 RAW_FORMAT = "medplan-raw-1"
 FIXED_COLUMNS = ["case_id", "group", "source_image", "source_label"]
@@ -83,7 +85,7 @@ def intensity_window(images: list[Path], *, progress: bool = False) -> dict[str,
     rng = np.random.default_rng(WINDOW_SEED)
     per_image = max(WINDOW_MIN_PER_IMAGE, WINDOW_SAMPLE // len(wide))
     samples, small_integers = [], True
-    for path in _progress(wide, len(wide), "intensity window", progress):
+    for path in progress_bar(wide, total=len(wide), desc="intensity window", enabled=progress, unit="case"):
         array = _channels_of(read_image(path), path)
         if array.dtype == np.uint8 or array.dtype == bool:
             continue
@@ -197,16 +199,6 @@ def _run(tasks: list[tuple], workers: int) -> Iterator[dict[str, Any]]:
         executor.shutdown(wait=True, cancel_futures=True)
 
 
-def _progress(iterable: Iterable, total: int, desc: str, enabled: bool) -> Iterable:
-    if not enabled:
-        return iterable
-    from tqdm import tqdm
-
-    interactive = sys.stderr.isatty()
-    return tqdm(iterable, total=total, desc=desc, unit="case", mininterval=0.2 if interactive else 10.0,
-                leave=interactive)
-
-
 ORPHANS_LISTED = 20
 
 
@@ -258,7 +250,7 @@ def _fill(tmp: Path, collected: Collected, cases: list[Case], name: str, source:
     tasks = [(case, collected.decoder, str(tmp), str(collected.root), window) for case in cases]
     rows, channels, present = [], [], set()
     results = _run(tasks, workers)
-    bar = _progress(results, len(tasks), f"convert {name}", progress)
+    bar = progress_bar(results, total=len(tasks), desc=f"convert {name}", enabled=progress, unit="case")
     try:
         for result in bar:
             if "error" in result:
@@ -379,8 +371,6 @@ def convert_dataset(fmt: str, source: str | Path, name: str | None = None, *, ra
         dest = dest / AUTO_IMPORT_FOLDER
     if source == dest or dest in source.parents:
         raise MedplanError(f"the download must not lie inside the output folder {dest}", source)
-    from medplan.locks import exclusive_lock, remove_stale_siblings
-
     # one convert of a dataset at a time: the lock lies beside the folder, which is swapped in whole
     with exclusive_lock(dest.parent / f".{dest.name}.lock", purpose=f"convert {name}"):
         remove_stale_siblings(dest)  # the temporary folders of a killed convert of this dataset
@@ -393,37 +383,6 @@ def convert_dataset(fmt: str, source: str | Path, name: str | None = None, *, ra
         collected = importer.collect(source, **options)
         write_raw(collected, dest, name, source, progress=progress, workers=workers)
     return dest
-
-
-def _datasets_in(root: Path) -> list[str]:
-    if not root.is_dir():
-        return []
-    return sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
-
-
-def resolve_raw_dataset(name: str, *, progress: bool = True, quiet: bool = False) -> Path:
-    """The folder holding ``dataset.json`` for dataset ``name``, importing a download if needed.
-
-    ``$MEDPLAN_RAW/NAME`` may hold the medplan raw format, an earlier auto-import in
-    ``NAME/medplan/``, or an official download layout, which is then imported (once) into
-    ``NAME/medplan/`` without touching the download.
-    """
-    check_name(name, "dataset name")
-    root = default_raw_root()
-    folder = root / name
-    for candidate in (folder, folder / AUTO_IMPORT_FOLDER):
-        if (candidate / "dataset.json").is_file():
-            return candidate
-    fmt = detect_format(folder) if folder.is_dir() else None
-    if fmt is not None:
-        if not quiet:
-            print(f"medplan: {folder} holds a {fmt} download; importing it into {folder / AUTO_IMPORT_FOLDER} "
-                  f"(the download is left as it is)", flush=True)
-        return convert_dataset(fmt, folder, name, raw_root=root, progress=progress)
-    there = _datasets_in(root)
-    listing = f"datasets there: {', '.join(there)}" if there else "it holds no datasets"
-    raise MedplanError(f"dataset {name!r} not found in $MEDPLAN_RAW ({root}); {listing}; "
-                       f"run medplan_convert FORMAT SOURCE -d {name} first")
 
 
 def read_dataset_json(folder: Path) -> dict[str, Any]:

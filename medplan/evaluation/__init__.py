@@ -1,5 +1,5 @@
-"""Evaluation: the paper's metrics (:mod:`medplan.evaluation.metrics`), aggregation and reports."""
-from medplan.evaluation.metrics import (
+"""Evaluation: the paper's metrics (:mod:`medplan.metrics`), aggregation and reports."""
+from medplan.metrics import (
     MetricAccumulator,
     confusion_counts,
     logits_to_labels,

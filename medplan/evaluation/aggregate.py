@@ -12,7 +12,7 @@ Where the numbers come from (column ``source``):
   when a fold has label maps but no summary.json.
 
 A fold without validation results is a row with ``status = "missing"``, never dropped: the
-expected folds are ``range(plan["split"]["n_folds"])`` (5 when no plan can be found).
+expected folds are ``range(plan.split.n_folds)`` (5 when no plan can be found).
 SD is the sample standard deviation over the available folds (ddof = 1).
 """
 from __future__ import annotations
@@ -24,12 +24,14 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
-from medplan import rundir
+from medplan import paths, rundir
 from medplan.errors import MedplanError
 from medplan.evaluation.evaluate import evaluate_fold
 from medplan.io import atomic_write_json
 from medplan.names import check_name, check_names, inside, is_valid_name
+from medplan.plan import Plan
 from medplan.rundir import FOLD_PREFIX, SUMMARY, RunDir, fold_dirs, fold_of
+from medplan.stagefiles import load_plan
 
 METRICS = ("mDSC", "mIoU", "mRec", "mPrec")
 DEFAULT_N_FOLDS = 5
@@ -41,15 +43,9 @@ def dice_column(index: int) -> str:
     return f"dice_C{index}"
 
 
-def _results_root(results_root: str | Path | None) -> Path:
-    from medplan.paths import results_root as default
-
-    return Path(results_root) if results_root is not None else default()
-
-
 def model_path(results_root: str | Path | None, dataset: str, arch: str) -> Path:
     """``RESULTS/DATASET/ARCH`` with both names checked (:mod:`medplan.names`): never outside the root."""
-    root = _results_root(results_root)
+    root = paths.results_root(results_root)
     path = root / check_name(dataset, "dataset name") / check_name(arch, "architecture name")
     inside(root, path)
     return path
@@ -62,7 +58,7 @@ def is_model_dir(path: Path) -> bool:
 def model_dirs(results_root: str | Path | None = None, datasets: Iterable[str] | None = None,
                archs: Iterable[str] | None = None) -> list[tuple[str, str, Path]]:
     """(dataset, arch, folder) of every ``RESULTS/DATASET/ARCH/`` that holds ``fold_K/`` folders."""
-    root = _results_root(results_root)
+    root = paths.results_root(results_root)
     want_d = set(check_names(datasets, "dataset name")) if datasets else None
     want_a = set(check_names(archs, "architecture name")) if archs else None
     if not root.is_dir():
@@ -85,25 +81,22 @@ def model_dirs(results_root: str | Path | None = None, datasets: Iterable[str] |
     return found
 
 
-def model_plan(model_dir: Path, dataset: str) -> dict | None:
+def model_plan(model_dir: Path, dataset: str) -> Plan | None:
     """The plan a model was trained with: any fold's config.json, else the dataset's plans.json."""
     for run in fold_dirs(model_dir):
         plan = run.plan()
-        if plan is not None and "labels" in plan:
-            return plan
+        if plan is not None:
+            return Plan.from_json(plan, source=run.config_path)
     try:
-        # pipeline sits above evaluation's inputs: imported only for a model without config.json
-        from medplan.pipeline import load_plan
-
         return load_plan(dataset)
     except MedplanError:
         return None
 
 
-def _class_names(plan: dict | None, summaries: Sequence[dict]) -> list[str]:
+def _class_names(plan: Plan | None, summaries: Sequence[dict]) -> list[str]:
     """All class names, background first."""
-    if plan and isinstance(plan.get("labels"), dict):
-        return [n for n, _ in sorted(plan["labels"].items(), key=lambda kv: kv[1])]
+    if plan is not None:
+        return plan.class_names
     for s in summaries:
         if isinstance(s.get("class_names"), list):
             return list(s["class_names"])
@@ -116,7 +109,8 @@ def _num(value: Any) -> float:
     return float("nan") if value is None else float(value)
 
 
-def _fold_key(fold: Any) -> tuple[int, Any]:
+def fold_sort_key(fold: Any) -> tuple[int, Any]:
+    """Folds in order: 0, 1, ..., 10, then named ones (``all``)."""
     s = str(fold)
     return (0, int(s)) if s.isdigit() else (1, s)
 
@@ -137,7 +131,7 @@ def model_table(dataset: str, arch: str, *, results_root: str | Path | None = No
     if not is_model_dir(model_dir):
         raise MedplanError("no fold_K/ folders: not a trained model folder", model_dir)
     plan = model_plan(model_dir, dataset)
-    n_folds = int(((plan or {}).get("split") or {}).get("n_folds") or DEFAULT_N_FOLDS)
+    n_folds = plan.split.n_folds if plan is not None else DEFAULT_N_FOLDS
     expected: list[Any] = list(range(n_folds))
     extra = sorted({int(r.fold) for r in fold_dirs(model_dir, numbered=True)} - set(expected))
     expected += extra  # a fold beyond the plan's count is shown rather than ignored
@@ -150,7 +144,7 @@ def model_table(dataset: str, arch: str, *, results_root: str | Path | None = No
             if metrics is not None:
                 where = "original_size"
                 if at_input_size:
-                    size = (plan or {}).get("input_size")
+                    size = plan.input_size if plan is not None else None
                     where = f"input_size {size[0]}x{size[1]}" if size else "input_size"
                 results[fold] = (metrics, SUMMARY, where)
         if metrics is None and (run.has_predictions() if run.path.is_dir() else False):
@@ -197,7 +191,7 @@ def model_summary(df: pd.DataFrame) -> pd.DataFrame:
         missing = [f for f in g.loc[g["status"] != "ok", "fold"].tolist()]
         n_expected = int(g["n_folds"].max()) if g["n_folds"].notna().any() else len(g)
         row: dict[str, Any] = {"dataset": dataset, "arch": arch, "n_ok": len(ok), "n_expected": max(n_expected, len(g)),
-                               "missing": sorted(missing, key=_fold_key), "class_names": g["class_names"].iloc[0]}
+                               "missing": sorted(missing, key=fold_sort_key), "class_names": g["class_names"].iloc[0]}
         row["folds"] = fold_status(row["n_ok"], row["n_expected"], row["missing"])
         for c in cols:
             values = ok[c].astype(float)
@@ -253,13 +247,13 @@ def cv_summary_name(at_input_size: bool) -> str:
 def write_cv_summaries(df: pd.DataFrame, results_root: str | Path | None = None, *,
                        at_input_size: bool = False) -> list[Path]:
     """``RESULTS/DATASET/ARCH/cv_summary.json`` (``cv_summary_at_input_size.json``) per model."""
-    root = _results_root(results_root)
-    paths = []
+    root = paths.results_root(results_root)
+    written = []
     for (dataset, arch), g in df.groupby(["dataset", "arch"], sort=True):
         path = model_path(root, dataset, arch) / cv_summary_name(at_input_size)
         atomic_write_json(path, cv_summary(g))
-        paths.append(path)
-    return paths
+        written.append(path)
+    return written
 
 
 def evaluate_model(dataset: str, arch: str, *, at_input_size: bool = False, recompute: bool = False,
@@ -297,7 +291,7 @@ POINTING_GAME_FILES = (f"{FOLD_PREFIX}*/explain/pointing_game.csv", "explain_mea
 def gather_pointing_game(results_root: str | Path | None = None, *, datasets: Iterable[str] | None = None,
                          archs: Iterable[str] | None = None) -> pd.DataFrame:
     """Every per-case, per-class pointing-game row of ``medplan_explain`` (empty when none)."""
-    root = _results_root(results_root)
+    root = paths.results_root(results_root)
     want_d, want_a = (set(datasets) if datasets else None), (set(archs) if archs else None)
     frames = []
     if root.is_dir():
@@ -328,7 +322,7 @@ def pointing_game_summary(df: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for key, g in df.groupby(["dataset", "arch", "maps", "target", "class_index", "class"], sort=True):
         e = pd.to_numeric(g["energy_in_gt"], errors="coerce").dropna()
-        folds = sorted({fold_of(f) for f in g["fold"] if fold_of(f) is not None}, key=_fold_key)
+        folds = sorted({fold_of(f) for f in g["fold"] if fold_of(f) is not None}, key=fold_sort_key)
         rows.append({**dict(zip(cols[:6], key)), "folds": " ".join(folds), "n_cases": int(len(e)),
                      "mean_energy_in_gt": float(e.mean()) if len(e) else np.nan,
                      "sd_energy_in_gt": float(e.std(ddof=1)) if len(e) > 1 else np.nan,

@@ -7,7 +7,7 @@ bootstrap 95% confidence interval of the mean difference over cases (seeded, vec
 A 0.2-point gap in Table 3 whose interval spans 0 is not evidence of a better model.
 
 Per-case values come from each fold's ``validation/summary.json`` (``per_case``, written by
-the trainer with the metric definitions of :mod:`medplan.evaluation.metrics`) or, with
+the trainer with the metric definitions of :mod:`medplan.metrics`) or, with
 ``recompute=True`` or when a fold has label maps but no per-case block, from the label maps.
 
 :func:`worst_cases` writes ``fold_K/worst_cases.csv``: the N validation cases with the lowest
@@ -21,18 +21,20 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from medplan import paths
 from medplan.errors import MedplanError
-from medplan.evaluation.aggregate import _fold_key, _results_root, is_model_dir, model_path, model_plan
-from medplan.io import atomic_write_bytes, atomic_write_json
+from medplan.evaluation.aggregate import fold_sort_key, is_model_dir, model_path, model_plan
 from medplan.evaluation.evaluate import evaluate_fold
+from medplan.io import atomic_write_bytes, atomic_write_json
 from medplan.names import check_fold, check_name, inside
+from medplan.plan import Plan
 from medplan.rundir import FOLD_PREFIX, RunDir, fold_dirs
 
 #: per fold, the n worst validation cases (read by medplan_explain --worst)
 WORST_CASES = "worst_cases.csv"
 
 
-def _per_case_of_fold(run: RunDir, plan: dict | None, recompute: bool) -> dict[str, dict] | None:
+def _per_case_of_fold(run: RunDir, plan: Plan | None, recompute: bool) -> dict[str, dict] | None:
     summary = run.summary(required=False) if not recompute else None
     per_case = summary.get("per_case") if isinstance(summary, dict) else None
     if isinstance(per_case, dict) and per_case:
@@ -139,7 +141,7 @@ def paired_comparison(dataset: str, arch_a: str, arch_b: str, *, n_boot: int = 1
         verdict = f"no evidence of a difference between {arch_a} and {arch_b} on {dataset}"
     return {
         "dataset": dataset, "arch_a": arch_a, "arch_b": arch_b, "metric": f"per-case {metric}",
-        "folds": sorted(both["fold"].unique().tolist(), key=_fold_key),
+        "folds": sorted(both["fold"].unique().tolist(), key=fold_sort_key),
         "n_cases": int(len(both)),
         "mean_a": float(both[arch_a].mean()), "mean_b": float(both[arch_b].mean()),
         "mean_difference": float(diff.mean()), "median_difference": float(np.median(diff)),
@@ -154,7 +156,7 @@ def paired_comparison(dataset: str, arch_a: str, arch_b: str, *, n_boot: int = 1
 
 def write_comparison(result: dict[str, Any], results_root: str | Path | None = None) -> list[Path]:
     """``DATASET/compare_A_vs_B.json`` (the statistics) and ``..._cases.csv`` (per-case values)."""
-    root = _results_root(results_root)
+    root = paths.results_root(results_root)
     a, b = check_name(result["arch_a"], "architecture name"), check_name(result["arch_b"], "architecture name")
     base = root / check_name(result["dataset"], "dataset name") / f"compare_{a}_vs_{b}"
     inside(root, base)
@@ -190,7 +192,7 @@ def worst_cases(dataset: str, arch: str, n: int = 50, *, folds: Sequence[int | s
     table = per_case_table(dataset, arch, folds=folds, results_root=results_root, recompute=recompute)
     model_dir = model_path(results_root, dataset, arch)
     outputs: list[tuple[Path, bytes]] = []
-    for fold, g in sorted(table.groupby("fold"), key=lambda kv: _fold_key(kv[0])):
+    for fold, g in sorted(table.groupby("fold"), key=lambda kv: fold_sort_key(kv[0])):
         worst = g.sort_values(["mDSC", "case_id"], na_position="first").head(n).drop(columns="fold")
         worst.insert(0, "rank", range(1, len(worst) + 1))
         outputs.append((RunDir(model_dir / f"{FOLD_PREFIX}{fold}").file(WORST_CASES), worst.to_csv(index=False).encode()))

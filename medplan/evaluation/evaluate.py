@@ -1,7 +1,7 @@
 """Evaluate saved label maps against raw labels: a folder pair, one trained fold, or a model
 trained on one dataset applied to another (cross-dataset, with a class mapping).
 
-The metrics are :mod:`medplan.evaluation.metrics` (global micro-averaging, background
+The metrics are :mod:`medplan.metrics` (global micro-averaging, background
 excluded), computed at each image's original resolution by default. ``input_size=(h, w)``
 first resizes prediction and ground truth with nearest neighbour to the planned input size,
 as the paper evaluated; note that the trainer's ``summary.json`` ``at_input_size`` block is
@@ -19,11 +19,18 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
+from medplan.datasets import resolve_raw_dataset
 from medplan.errors import MedplanError
-from medplan.evaluation.metrics import MetricAccumulator, summary_dict
+from medplan.inference import Predictor, predict_folder
 from medplan.io import atomic_write_json, case_stem, is_image_file, read_json, read_label
+from medplan.metrics import MetricAccumulator, summary_dict
 from medplan.names import check_names
+from medplan.paths import raw_dir, results_dir
+from medplan.plan import Plan
+from medplan.preprocessing import prepare_label
+from medplan.progress import progress_bar
 from medplan.rundir import SUMMARY, RunDir
+from medplan.stagefiles import load_plan
 
 Pair = tuple[str, Path, Path]  # case id, prediction, ground truth
 
@@ -142,8 +149,6 @@ def to_class_indices(label: np.ndarray, values: Sequence[int], path: Path, what:
 
 
 def _resize_nearest(label: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    from medplan.preprocessing import prepare_label
-
     return prepare_label(label, size)
 
 
@@ -156,8 +161,6 @@ def evaluate_pairs(pairs: Sequence[Pair], labels: int | Sequence[int] | Mapping[
     if not pairs:
         raise MedplanError("nothing to evaluate (no cases)")
     acc = MetricAccumulator(len(values))
-    from medplan.preprocessing import progress_bar
-
     for case_id, pred_path, gt_path in progress_bar(pairs, total=len(pairs), desc="evaluate", enabled=progress):
         pred = read_label(pred_path)  # a palette PNG's indices are its labels, not its colours
         gt = read_label(gt_path)
@@ -246,31 +249,26 @@ def fold_has_predictions(fold_dir: str | Path) -> bool:
     return RunDir(fold_dir).has_predictions()
 
 
-def raw_dir_for(dataset: str, plan: dict | None = None) -> Path:
-    """A dataset's raw folder: the plan's ``raw_dir`` if it still exists, else ``$MEDPLAN_RAW/NAME``,
-    else the one recorded in its plans.json."""
-    from medplan.paths import raw_dir
-
-    candidates = []
-    if plan and plan.get("raw_dir"):
-        candidates.append(Path(plan["raw_dir"]))
-    candidates.append(raw_dir(dataset))
-    for c in candidates:
-        if (c / "dataset.json").is_file():
-            return c
+def raw_dir_for(dataset: str, plan: Plan | None = None) -> Path:
+    """A dataset's raw folder, for its labels (:func:`medplan.datasets.resolve_raw_dataset`, the
+    one resolver): the ``raw_dir`` of ``plan`` (else of the dataset's plans.json, when it was
+    planned) while it still holds the dataset, else ``$MEDPLAN_RAW/NAME``."""
+    if not plan:
+        try:
+            plan = load_plan(dataset)
+        except MedplanError:  # never planned (a cross-dataset target): $MEDPLAN_RAW/NAME
+            plan = None
     try:
-        from medplan.pipeline import load_plan, raw_dir_of
-
-        return raw_dir_of(load_plan(dataset))
+        return resolve_raw_dataset(dataset, recorded=plan.raw_dir if plan else None)
     except MedplanError:
         pass
-    except Exception:  # raw_dir_of's fallback may need importers not installed here
+    except Exception:  # noqa: BLE001 - importing a download found there may need importers not installed here
         pass
     raise MedplanError(f"raw dataset {dataset!r} not found (needed for its labels); convert it or set MEDPLAN_RAW",
-                       candidates[-1] / "dataset.json")
+                       raw_dir(dataset) / "dataset.json")
 
 
-def evaluate_fold(fold_dir: str | Path, plan: dict | None = None, *, at_input_size: bool = False,
+def evaluate_fold(fold_dir: str | Path, plan: Plan | None = None, *, at_input_size: bool = False,
                   progress: bool = False) -> dict[str, Any]:
     """Recompute one fold's metrics from ``validation/CASE.png`` against the raw labels.
 
@@ -279,11 +277,12 @@ def evaluate_fold(fold_dir: str | Path, plan: dict | None = None, *, at_input_si
     """
     run = RunDir(fold_dir)
     config = run.config()
-    plan = plan or config.get("plan")
-    if not plan:
-        raise MedplanError("no plan (config.json missing or without 'plan')", run.config_path)
-    dataset = plan.get("dataset") or config.get("dataset") or run.path.parent.parent.name
-    gt_dir = raw_dir_for(dataset, plan) / "labels"
+    if plan is None:
+        recorded = config.get("plan")
+        if not recorded:
+            raise MedplanError("no plan (config.json missing or without 'plan')", run.config_path)
+        plan = Plan.from_json(recorded, source=run.config_path)
+    gt_dir = raw_dir_for(plan.dataset, plan) / "labels"
     vdir = run.validation
     if not vdir.is_dir():
         raise MedplanError("no validation predictions (the fold is not trained to the end)", vdir)
@@ -293,8 +292,8 @@ def evaluate_fold(fold_dir: str | Path, plan: dict | None = None, *, at_input_si
             raise MedplanError("'val_cases' must be a list of case ids", run.config_path)
         check_names(cases, "case id in 'val_cases'", run.config_path)
     pairs = match_folders(vdir, gt_dir, cases if cases else sorted(label_files(vdir, "prediction")))
-    size = plan["input_size"] if at_input_size else None
-    return evaluate_pairs(pairs, plan["labels"], input_size=size, progress=progress)
+    size = plan.input_size if at_input_size else None
+    return evaluate_pairs(pairs, plan.labels, input_size=size, progress=progress)
 
 
 # ---------------------------------------------------------------------------- cross-dataset
@@ -334,15 +333,12 @@ def cross_dataset_evaluation(model_from: str, arch: str, on: str, *, mapping: Ma
 
     Writes the label maps and ``summary.json`` to ``RESULTS/MODEL_FROM/ARCH/cross_ON/``.
     """
-    from medplan.inference import Predictor, predict_folder
-    from medplan.paths import results_dir
-
     mapping, map_gt = parse_mapping(mapping), parse_mapping(map_gt)
     raw = raw_dir_for(on)
     target = _target_labels(raw)
     predictor = Predictor.from_folder(results_dir(model_from, arch), folds=folds, checkpoint=checkpoint,
                                       device=device, tta=tta, batch_size=batch_size)
-    check_mapping(predictor.plan["labels"], target, mapping, on)
+    check_mapping(predictor.plan.labels, target, mapping, on)
     if map_gt:
         for src, tgt in map_gt.items():
             if tgt not in target.values():
@@ -352,7 +348,7 @@ def cross_dataset_evaluation(model_from: str, arch: str, on: str, *, mapping: Ma
     images = raw / "images"
     match_folders(images, raw / "labels", sorted(label_files(images, "image")))
     predict_folder(predictor, images, out, progress=progress)
-    size = predictor.plan["input_size"] if at_input_size else None
+    size = predictor.plan.input_size if at_input_size else None
     summary = evaluate_folders(out, raw / "labels", target, input_size=size, map_pred=mapping, map_gt=map_gt,
                                cases=sorted(label_files(images, "image")), progress=progress)
     summary.update(model_from=model_from, arch=arch, on=on,

@@ -20,7 +20,9 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from medplan.evaluation.aggregate import METRICS, dice_column, metric_columns, model_summary
+from medplan import paths
+from medplan.evaluation.aggregate import (METRICS, dice_column, gather_pointing_game, metric_columns, model_summary,
+                                         pointing_game_summary)
 from medplan.io import atomic_write_bytes
 
 DASH = "–"
@@ -281,9 +283,7 @@ def write_reports(df: pd.DataFrame, results_root: str | Path | None = None, *, s
 
     ``suffix`` (e.g. ``"_at_input_size"``) keeps reports of another evaluation beside these.
     """
-    from medplan.paths import results_root as default_root
-
-    root = Path(results_root) if results_root is not None else default_root()
+    root = paths.results_root(results_root)
     root.mkdir(parents=True, exist_ok=True)
     order = df["fold"].map(lambda f: int(f) if str(f).isdigit() else 10**6)
     df = df.assign(_order=order).sort_values(["dataset", "arch", "_order"]).drop(columns="_order").reset_index(drop=True)
@@ -363,8 +363,6 @@ def pointing_game_markdown(summary: pd.DataFrame) -> str:
 
 def pointing_game_reports(root: Path, suffix: str, written: list[tuple[Path, bytes]]) -> list[tuple[Path, bytes]]:
     """``pointing_game.csv`` and a section appended to ``summary{suffix}.md`` when explain maps exist."""
-    from medplan.evaluation.aggregate import gather_pointing_game, pointing_game_summary
-
     summary = pointing_game_summary(gather_pointing_game(root))
     if summary.empty:
         return []

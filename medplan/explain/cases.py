@@ -12,6 +12,7 @@ from medplan.errors import MedplanError
 from medplan.io import IMAGE_SUFFIXES, read_label
 from medplan.names import check_name
 from medplan.paths import raw_dir
+from medplan.plan import Plan
 from medplan.rundir import RunDir
 
 
@@ -50,10 +51,10 @@ def validated_cases(fold_dirs: list[Path]) -> dict[str, tuple[Path, dict]]:
     return out
 
 
-def raw_case_files(plan: dict, dataset: str, case_id: str) -> tuple[Path, Path]:
+def raw_case_files(plan: Plan, dataset: str, case_id: str) -> tuple[Path, Path]:
     """The raw image and label of a case (the plan's ``raw_dir``, else ``$MEDPLAN_RAW/DATASET``)."""
     check_name(case_id, "case id")
-    roots = [Path(plan["raw_dir"])] if plan.get("raw_dir") else []
+    roots = [Path(plan.raw_dir)] if plan.raw_dir else []
     roots.append(raw_dir(dataset))
     for root in roots:
         for suffix in (".png", *IMAGE_SUFFIXES):

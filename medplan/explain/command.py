@@ -19,7 +19,7 @@ from medplan.inference import list_images
 from medplan.io import atomic_write_bytes, atomic_write_text, case_stem, read_image
 from medplan.names import check_fold, check_name, check_names
 from medplan.paths import results_root
-from medplan.preprocessing import progress_bar
+from medplan.progress import progress_bar
 
 #: the Fig.-1 grids of a dataset: ``DATASET/explain_grid/``
 GRID_DIR = "explain_grid"

@@ -8,11 +8,11 @@ import numpy as np
 import torch
 
 from medplan.errors import MedplanError
-from medplan.evaluation.metrics import probabilities_to_labels
 from medplan.explain.cam import class_cams, energy_in_region, output_channel, resize_maps
 from medplan.explain.cases import CaseMaps
 from medplan.explain.layers import LayerChoice, choose_layer
 from medplan.inference import FoldModel, Predictor, load_fold
+from medplan.metrics import probabilities_to_labels
 from medplan.preprocessing import normalize, prepare_image, prepare_label
 
 TARGETS = ("pred", "gt")
@@ -35,9 +35,9 @@ class ModelExplainer:
         self.models: list[FoldModel] = models
         self.plan = self.ensemble.plan
         self.arch = models[0].arch
-        self.loss = str(self.plan["loss"])
+        self.loss = self.plan.loss
         self.class_names = self.ensemble.class_names
-        self.foreground = list(range(1, int(self.plan["num_classes"])))
+        self.foreground = list(range(1, self.plan.num_classes))
         self.target = target
         self.layer_request = layer or "auto"
         self.layers: list[LayerChoice] = []
@@ -49,7 +49,7 @@ class ModelExplainer:
 
     def _input(self, image: np.ndarray) -> tuple[np.ndarray, torch.Tensor]:
         prepared = prepare_image(image, self.ensemble.input_size, self.ensemble.channels)
-        x = normalize(torch.tensor(prepared[None], device=self.device), self.plan)
+        x = normalize(torch.tensor(prepared[None], device=self.device), self.plan.normalization)
         return prepared, x
 
     def choose_layers(self, image: np.ndarray) -> list[LayerChoice]:

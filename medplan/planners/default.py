@@ -8,13 +8,12 @@ normalization and the augmentation pipeline. Every decision carries its reason.
 """
 from __future__ import annotations
 
-import copy
 from datetime import datetime
 from pathlib import Path
 
 import medplan
 from medplan.planners import register_planner
-from medplan.planners.schema import AUGMENTATION_OFF
+from medplan.plan import Augmentation
 
 INPUT_SIZE = [512, 512]
 BATCH_SIZE = 8
@@ -48,7 +47,7 @@ def infer_image_modality(fingerprint: dict, hint: str | None) -> tuple[str, str]
 
 def choose_augmentation(image_modality: str, rgb: bool) -> tuple[dict, str]:
     """Augmentation pipeline for the acquisition: orientation and colour rules, then intensity."""
-    aug = copy.deepcopy(AUGMENTATION_OFF)
+    aug = Augmentation.off_json()  # every key of the augmentation table, switched off
     aug.update({"brightness": 0.2, "contrast": 0.2, "p_intensity": 0.5, "gamma": [0.8, 1.25], "p_gamma": 0.3,
                 "scale": [0.85, 1.15], "p_scale": 0.5, "p_blur": 0.1})
     if image_modality in CANONICAL_ORIENTATION:

@@ -15,7 +15,7 @@ from medplan.errors import MedplanError
 from medplan.io import atomic_write_json, read_json
 from medplan.names import check_names
 from medplan.paths import results_root as default_results_root
-from medplan.pipeline import load_plan, load_splits
+from medplan.stagefiles import load_plan, load_splits
 from medplan.trainers import get_trainer
 
 STUDY_FILE = "study.json"
@@ -66,8 +66,8 @@ class Study:
     executor: str = "local"
     lr_search: bool = True
     lrs: list[float] | None = None               # None: the plan's lr_grid
-    epochs_lr_search: int | None = None          # None: plan["epochs"]["lr_search"]
-    epochs_cv: int | None = None                 # None: plan["epochs"]["cv"]
+    epochs_lr_search: int | None = None          # None: plan.epochs.lr_search
+    epochs_cv: int | None = None                 # None: plan.epochs.cv
     overrides: dict[str, Any] = field(default_factory=dict)        # TrainSettings fields
     model_options: dict[str, dict] = field(default_factory=dict)   # arch -> builder options
     retries: int = 2

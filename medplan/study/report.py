@@ -12,7 +12,7 @@ from medplan.evaluation.aggregate import gather_all_folds
 from medplan.evaluation.report import markdown, write_reports
 from medplan.io import atomic_write_json, atomic_write_text
 from medplan.paths import results_root
-from medplan.pipeline import load_plan
+from medplan.stagefiles import load_plan
 from medplan.study.model import REPORT_FILE, REPORT_STATE, Study, tasks
 from medplan.study.state import completed_folds
 
@@ -20,23 +20,23 @@ from medplan.study.state import completed_folds
 def efficiency_rows(study: Study) -> list[dict[str, Any]]:
     """Per architecture: parameters, GMACs at the first dataset's planned size, measured speed."""
     plan = load_plan(study.datasets[0])
-    size = tuple(int(s) for s in plan["input_size"])
+    size = plan.input_size
     measured = load_measurements()
     missing = [a for a in study.archs if a not in measured or measured[a].get("size") != list(size)]
     for arch in missing:  # a short timed run on the device at hand
         measured.update({r["arch"]: r for r in measure_models(
-            [arch], size=size, in_channels=int(plan["channels"]), num_classes=int(plan["num_outputs"]),
-            batch_size=int(plan.get("batch_size", 2)), steps=study.measure_steps,
+            [arch], size=size, in_channels=plan.channels, num_classes=plan.num_outputs,
+            batch_size=plan.batch_size, steps=study.measure_steps,
             model_options=study.model_options.get(arch))})
     rows = []
     for arch in study.archs:
         options = dict(study.model_options.get(arch) or {})
         if get_entry(arch).pretrained:
             options.setdefault("pretrained", False)
-        model = build_model(arch, int(plan["channels"]), int(plan["num_outputs"]), **options)
+        model = build_model(arch, plan.channels, plan.num_outputs, **options)
         m = measured.get(arch, {})
         rows.append({"arch": arch, "params_m": count_parameters(model)["total"] / 1e6,
-                     "gmacs": count_flops(model, int(plan["channels"]), size, device="cpu") / 2e9,
+                     "gmacs": count_flops(model, plan.channels, size, device="cpu") / 2e9,
                      "size": f"{size[0]}x{size[1]}", "train_img_s": m.get("train_images_per_s"),
                      "infer_img_s": m.get("infer_images_per_s"), "peak_mem_mb": m.get("peak_memory_mb"),
                      "device": m.get("device")})

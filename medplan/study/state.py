@@ -11,14 +11,15 @@ from typing import Any
 from medplan.errors import MedplanError
 from medplan.io import read_json
 from medplan.paths import preprocessed_dir, results_dir, results_root
-from medplan.pipeline import load_plan
+from medplan.plan import Plan
 from medplan.rundir import LR_SEARCH_SUMMARY, RunDir
+from medplan.stagefiles import load_plan
 from medplan.study.model import REPORT_STATE, Study, Task, tasks
 from medplan.trainers import default_model_options, resolve_lr
 
 #: plan keys that say when and by what a plan was written, not what it decides
 PLAN_VOLATILE = ("created", "medplan_version", "reasons", "raw_dir")
-_plan_cache: dict[str, tuple[tuple, str, dict]] = {}
+_plan_cache: dict[str, tuple[tuple, str, Plan]] = {}
 
 
 def fold_complete(fold_dir: Path | RunDir) -> bool:
@@ -41,13 +42,14 @@ def lr_search_summary(study: Study, dataset: str, arch: str) -> dict | None:
 
 # ----------------------------------------------------------------------------- stale folds
 def plan_hash(plan: dict) -> str:
-    """A hash of a plan's decisions (canonical JSON without :data:`PLAN_VOLATILE` keys)."""
+    """A hash of a plan's decisions (its canonical JSON, as config.json records it, without
+    :data:`PLAN_VOLATILE` keys)."""
     content = {k: v for k, v in plan.items() if k not in PLAN_VOLATILE}
     text = json.dumps(content, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _current_plan(dataset: str) -> tuple[str, dict]:
+def _current_plan(dataset: str) -> tuple[str, Plan]:
     """(hash, plan) of the dataset's plans.json, re-read only when the file changed."""
     path = preprocessed_dir(dataset) / "plans.json"
     st_ = path.stat()
@@ -55,7 +57,7 @@ def _current_plan(dataset: str) -> tuple[str, dict]:
     cached = _plan_cache.get(str(path))
     if cached is None or cached[0] != stamp:
         plan = load_plan(dataset)
-        cached = (stamp, plan_hash(json.loads(json.dumps(plan, default=str))), plan)
+        cached = (stamp, plan_hash(plan.to_json()), plan)
         _plan_cache[str(path)] = cached
     return cached[1], cached[2]
 
@@ -71,9 +73,9 @@ def expected_run(study: Study, dataset: str, arch: str) -> dict[str, Any] | None
         lr = float(search["best_lr"])
     else:
         lr = resolve_lr(dataset, arch, plan, None)[0]  # what medplan_train picks without --lr
-    batch = study.overrides.get("batch_size") or plan["batch_size"]
+    batch = study.overrides.get("batch_size") or plan.batch_size
     options = default_model_options(arch, study.model_options.get(arch))
-    return {"plan": digest, "lr": lr, "epochs": int(study.epochs_cv or plan["epochs"]["cv"]),
+    return {"plan": digest, "lr": lr, "epochs": int(study.epochs_cv or plan.epochs.cv),
             "batch_size": int(batch), "model_options": json.loads(json.dumps(options, default=str))}
 
 

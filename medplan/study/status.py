@@ -6,8 +6,8 @@ from typing import Any
 
 from medplan.architectures.measure import estimate_seconds, load_measurements
 from medplan.paths import results_dir, results_root
-from medplan.pipeline import load_plan, load_splits
 from medplan.rundir import RunDir, lr_search_runs
+from medplan.stagefiles import load_plan, load_splits
 from medplan.study.backends import Backend
 from medplan.study.model import REPORT_FILE, Study, dependencies, tasks
 from medplan.study.state import is_done, plan_jobs, stale_reasons
@@ -108,13 +108,13 @@ def dry_run(study: Study) -> tuple[list[dict[str, Any]], float | None]:
             plan = load_plan(t.dataset)
             split = load_splits(t.dataset)[0 if t.kind == "lr_search" else t.fold]
             if t.kind == "lr_search":
-                row["epochs"] = int(study.epochs_lr_search or plan["epochs"]["lr_search"])
-                row["runs"] = len(study.lrs or plan["lr_grid"])
+                row["epochs"] = int(study.epochs_lr_search or plan.epochs.lr_search)
+                row["runs"] = len(study.lrs or plan.lr_grid)
             else:
-                row["epochs"] = int(study.epochs_cv or plan["epochs"]["cv"])
+                row["epochs"] = int(study.epochs_cv or plan.epochs.cv)
             m = measured.get(t.arch)
             if m:
-                seconds = row["runs"] * estimate_seconds(m, plan["input_size"], len(split["train"]),
+                seconds = row["runs"] * estimate_seconds(m, plan.input_size, len(split["train"]),
                                                          len(split["val"]), row["epochs"])
                 row["gpu_hours"] = seconds / 3600 * (study.slurm.gpus_per_job if study.executor == "slurm" else 1)
                 total += row["gpu_hours"]

@@ -29,11 +29,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import medplan.trainers.distributed as ddp
-from medplan.architectures import count_parameters, list_models
+from medplan.architectures import (build_model, count_parameters, list_models, model_card, model_deviations,
+                                   model_internal_size, model_parameter_groups)
 from medplan.errors import MedplanError
 from medplan.paths import preprocessed_dir
+from medplan.plan import Plan
 from medplan.preprocessing import data_dir
 from medplan.rundir import BEST, FINAL, LATEST, RunDir, lr_tag
+from medplan.stagefiles import raw_dir_of
 from medplan.trainers.checkpointer import Checkpointer
 from medplan.trainers.loop import EpochLoop, LoopState
 from medplan.trainers.losses import build_loss
@@ -61,7 +64,7 @@ class Trainer:
     #: DDP option for models whose forward skips some parameters
     find_unused_parameters: bool = False
 
-    def __init__(self, dataset: str, arch: str, fold: int | str, *, plan: dict, splits: list[dict] | None,
+    def __init__(self, dataset: str, arch: str, fold: int | str, *, plan: Plan, splits: list[dict] | None,
                  output_dir: Path, settings: TrainSettings, model_options: dict | None = None,
                  lr: float, lr_source: str):
         # the run: what it trains, on which cases, with which settings (``splits=None``: no cases)
@@ -71,8 +74,8 @@ class Trainer:
         self.settings = settings
         self.model_options = dict(model_options or {})
         self.lr, self.lr_source = float(lr), lr_source
-        self.epochs = int(settings.epochs or plan["epochs"][settings.stage])
-        self.batch_size = int(settings.batch_size or plan["batch_size"])
+        self.epochs = int(settings.epochs or plan.epochs.for_stage(settings.stage))
+        self.batch_size = int(settings.batch_size or plan.batch_size)
         self.train_cases, self.val_cases = self.fold_cases()
         self.notes: list[str] = list(self.deviations)
         # its parts
@@ -96,7 +99,7 @@ class Trainer:
         self.pretrained_report: dict | None = None  # what the weights file gave, for config.json
 
     @classmethod
-    def for_prediction(cls, run_dir: str | Path, *, arch: str, plan: dict, model_options: dict | None = None,
+    def for_prediction(cls, run_dir: str | Path, *, arch: str, plan: Plan, model_options: dict | None = None,
                        dataset: str = "", fold: int | str = "all", lr: float | None = None) -> "Trainer":
         """This trainer for a trained model outside a run (predict, explain): built through
         ``__init__`` like a run's, so every hook sees every attribute, but with no cases, and
@@ -125,20 +128,17 @@ class Trainer:
 
     @property
     def data_dir(self) -> Path:
-        return data_dir(preprocessed_dir(self.dataset), self.plan["input_size"])
+        return data_dir(preprocessed_dir(self.dataset), self.plan.input_size)
 
     @property
     def class_names(self) -> list[str]:
-        return [name for name, _ in sorted(self.plan["labels"].items(), key=lambda kv: kv[1])]
+        return self.plan.class_names
 
     # ------------------------------------------------------------------ hooks
     def build_network(self) -> nn.Module:
         """The network, built through its model card (weights, input contract); the card's
         deviations, fixed internal size and DDP needs become the run's (config.json)."""
-        # the model card's helpers; to join the module imports of medplan.architectures above
-        from medplan.architectures import build_model, model_card, model_deviations, model_internal_size
-
-        for note in model_deviations(self.arch, self.model_options, self.plan.get("input_size")):
+        for note in model_deviations(self.arch, self.model_options, self.plan.input_size):
             if note not in self.notes:
                 self.notes.append(note)
         if self.internal_size is None:  # a trainer's own internal size wins
@@ -151,28 +151,19 @@ class Trainer:
             # the checkpoint holds every weight, so the file is not needed again (a folder, as
             # llm4seg's, also defines the architecture and is kept)
             options["pretrained"] = False
-        return build_model(self.arch, int(self.plan["channels"]), int(self.plan["num_outputs"]), **options)
+        return build_model(self.arch, self.plan.channels, self.plan.num_outputs, **options)
 
     def parameter_groups(self, model: nn.Module) -> list[dict]:
         """Optimizer parameter groups as the model card declares them (no-weight-decay names, head
         LR factor, layer-wise LR decay; one group of everything without). Frozen parameters stay in
         the groups so that unfreezing them later needs no new optimizer."""
-        # the model card's groups; to join the module imports of medplan.architectures above
-        from medplan.architectures import model_parameter_groups
-
         return model_parameter_groups(self.arch, model, self.lr)
 
     def configure_optimizers(self, model: nn.Module) -> torch.optim.Optimizer:
-        cfg = self.plan.get("optimizer") or {}
-        name = str(cfg.get("name", "AdamW"))
-        groups = self.parameter_groups(model)
-        kwargs = dict(lr=self.lr, weight_decay=float(cfg.get("weight_decay", 0.01)),
-                      betas=tuple(cfg.get("betas", (0.9, 0.999))))
-        if name.lower() == "adamw":
-            return torch.optim.AdamW(groups, **kwargs)
-        if name.lower() == "adam":
-            return torch.optim.Adam(groups, **kwargs)
-        raise MedplanError(f"unknown optimizer {name!r} (AdamW or Adam)", "plans.json")
+        cfg = self.plan.optimizer  # its name is AdamW or Adam (any case), checked with the plan
+        optimizer = torch.optim.Adam if cfg.name.lower() == "adam" else torch.optim.AdamW
+        return optimizer(self.parameter_groups(model), lr=self.lr, weight_decay=float(cfg.weight_decay),
+                         betas=tuple(cfg.betas))
 
     def build_loss(self) -> nn.Module:
         return build_loss(self.plan, self.class_weights)
@@ -228,10 +219,6 @@ class Trainer:
         return write_validation_predictions(self)
 
     def raw_label_path(self, case_id: str) -> Path:
-        # pipeline sits above trainers; imported here until the raw-folder resolver moves down to
-        # datasets (issue 12, one-way layering)
-        from medplan.pipeline import raw_dir_of
-
         return raw_dir_of(self.plan) / "labels" / f"{case_id}.png"
 
     # ------------------------------------------------------------------ running
@@ -270,6 +257,6 @@ class Trainer:
         if self.steps_per_epoch < 1:
             raise MedplanError(f"fold {self.fold} has {len(self.train_cases)} training case(s), fewer than one "
                                f"batch of {self.batch_size}; lower --batch-size")
-        self.scheduler = build_scheduler(self.optimizer, self.plan.get("lr_schedule"),
+        self.scheduler = build_scheduler(self.optimizer, self.plan.lr_schedule.name,
                                          self.epochs * self.steps_per_epoch)
         seed_everything(s.seed + 1000 * self.ctx.rank)  # per-rank augmentation streams

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import pickle
 import random
-import re
 import warnings
 from collections import OrderedDict
 from pathlib import Path, PurePath
@@ -33,6 +32,7 @@ import torch
 
 from medplan.errors import MedplanError
 from medplan.io import atomic_open
+from medplan.safeload import unsafe_reason
 
 CHECKPOINT_FORMAT = "medplan-checkpoint-2"
 LEGACY_FORMAT = "medplan-checkpoint-1"
@@ -95,34 +95,6 @@ def _legacy_globals() -> list | None:
     # the file names the function by the module of the numpy that wrote it
     allowed += [(_reconstruct, f"{m}._reconstruct") for m in modules]
     return allowed
-
-
-LEGACY_NAMES = {"numpy.ndarray", "numpy.dtype", "numpy.dtypes.UInt32DType",
-                "numpy._core.multiarray._reconstruct", "numpy.core.multiarray._reconstruct"}
-
-
-def _needed_globals(path: PurePath) -> str:
-    """The callables a refused file names beyond the legacy allowlist (read from its opcodes,
-    nothing executed)."""
-    try:
-        names = [n for n in torch.serialization.get_unsafe_globals_in_checkpoint(path) if n not in LEGACY_NAMES]
-    except Exception:  # noqa: BLE001 - not a zip checkpoint, older torch: say nothing more
-        return ""
-    return ", ".join(names[:4]) + (" ..." if len(names) > 4 else "")
-
-
-def unsafe_reason(path: PurePath, exc: BaseException) -> str:
-    """Why ``weights_only`` loading refused ``path``, in a few words (the callables it names)."""
-    needs = _needed_globals(path)
-    if not needs:
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)|but got <class '([\w.]+)'>", str(exc))
-        needs = next((g for g in found.groups() if g), "") if found else ""
-    if needs:
-        why = f"it names {needs}, which weights_only loading refuses"
-    else:
-        detail = re.search(r"WeightsUnpickler error:\s*([^\n]+)", str(exc))
-        why = "weights_only loading refused it" + (f": {detail.group(1).strip()}" if detail else "")
-    return why
 
 
 def _refusal(path: PurePath, exc: BaseException) -> MedplanError:

@@ -37,7 +37,7 @@ class Checkpointer:
             "trainer": type(trainer).__qualname__, "arch": trainer.arch, "dataset": trainer.dataset,
             "fold": trainer.fold, "epoch": loop.epoch, "epochs": trainer.epochs,
             "model": ddp.unwrap(trainer.model).state_dict(),
-            "model_options": trainer.model_options, "plan": trainer.plan,
+            "model_options": trainer.model_options, "plan": trainer.plan.to_json(),
             "settings": dataclasses.asdict(trainer.settings), "lr": trainer.lr, "batch_size": trainer.batch_size,
             "best_metric": loop.best_metric, "best_epoch": loop.best_epoch, "training_done": loop.training_done,
         }

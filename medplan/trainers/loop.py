@@ -19,8 +19,9 @@ import torch
 import medplan.trainers.distributed as ddp
 from medplan.data import TrainLoader
 from medplan.errors import MedplanError
+from medplan.progress import progress_bar
 from medplan.rundir import BEST, LATEST
-from medplan.trainers.progress import format_epoch_line, plot_progress, progress_bar
+from medplan.trainers.progress import format_epoch_line, plot_progress
 from medplan.trainers.settings import EarlyStopping
 
 if TYPE_CHECKING:  # annotations only: base imports this module
@@ -150,7 +151,8 @@ class EpochLoop:
         steps = 0
         show = t.ctx.is_main and t.settings.progress is not False
         batches = progress_bar(loader, total=t.steps_per_epoch, desc=f"epoch {epoch}/{t.epochs}",
-                               enabled=None if t.settings.progress is None else t.settings.progress) if show else loader
+                               enabled=None if t.settings.progress is None else t.settings.progress, unit="batch",
+                               leave=False) if show else loader
         for batch in batches:
             if steps >= t.steps_per_epoch:
                 break

@@ -1,6 +1,6 @@
 """The protocol's losses: BCE for binary tasks (one logit channel), CE for multi-class.
 
-The plan decides which (``plans.json["loss"]``); a per-architecture trainer may wrap or weight
+The plan decides which (``plan.loss``); a per-architecture trainer may wrap or weight
 them in its own ``build_loss``.
 """
 from __future__ import annotations
@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from medplan.errors import MedplanError
+from medplan.plan import Plan
 
 
 class SegmentationLoss(nn.Module):
@@ -16,10 +16,11 @@ class SegmentationLoss(nn.Module):
 
     def __init__(self, kind: str, num_outputs: int, class_weights: list[float] | None = None):
         super().__init__()
+        # a plan's loss and outputs are checked when it is read (medplan.plan); this guards direct use
         if kind not in ("bce", "ce"):
-            raise MedplanError(f"unknown loss {kind!r} (expected bce or ce)", "plans.json")
+            raise ValueError(f"unknown loss {kind!r} (expected bce or ce)")
         if kind == "bce" and num_outputs != 1:
-            raise MedplanError(f"loss bce needs num_outputs 1, got {num_outputs}", "plans.json")
+            raise ValueError(f"loss bce needs num_outputs 1, got {num_outputs}")
         self.kind = kind
         self.num_outputs = num_outputs
         weight = None if class_weights is None else torch.as_tensor(class_weights, dtype=torch.float32)
@@ -39,5 +40,5 @@ class SegmentationLoss(nn.Module):
         return self.criterion(logits, seg.long())
 
 
-def build_loss(plan: dict, class_weights: list[float] | None = None) -> SegmentationLoss:
-    return SegmentationLoss(plan["loss"], int(plan["num_outputs"]), class_weights)
+def build_loss(plan: Plan, class_weights: list[float] | None = None) -> SegmentationLoss:
+    return SegmentationLoss(plan.loss, plan.num_outputs, class_weights)

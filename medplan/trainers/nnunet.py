@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from medplan.errors import MedplanError
+from medplan.plan import Plan
 from medplan.trainers.base import Trainer
 from medplan.trainers.registry import register_trainer
 
@@ -46,10 +46,11 @@ class DiceCELoss(nn.Module):
     def __init__(self, kind: str, num_outputs: int, weight_ce: float = 1.0, weight_dice: float = 1.0,
                  smooth: float = SMOOTH):
         super().__init__()
+        # a plan's loss and outputs are checked when it is read (medplan.plan); this guards direct use
         if kind not in ("ce", "bce"):
-            raise MedplanError(f"unknown loss {kind!r} (expected bce or ce)", "plans.json")
+            raise ValueError(f"unknown loss {kind!r} (expected bce or ce)")
         if kind == "bce" and num_outputs != 1:
-            raise MedplanError(f"loss bce needs num_outputs 1, got {num_outputs}", "plans.json")
+            raise ValueError(f"loss bce needs num_outputs 1, got {num_outputs}")
         self.kind, self.num_outputs = kind, num_outputs
         self.weight_ce, self.weight_dice, self.smooth = weight_ce, weight_dice, smooth
 
@@ -108,14 +109,14 @@ class NNUNet2DTrainer(Trainer):
     """Shared protocol + nnU-Net's planned topology, deep supervision and Dice + CE/BCE loss."""
 
     def __init__(self, *args: Any, **kwargs: Any):
-        plan = kwargs.get("plan") or {}
+        plan: Plan = kwargs["plan"]
         options = dict(kwargs.get("model_options") or {})
         # stored in model_options so the checkpoint and config.json rebuild the same topology
-        options.setdefault("input_size", [int(s) for s in plan.get("input_size", (512, 512))])
+        options.setdefault("input_size", list(plan.input_size))
         options.setdefault("deep_supervision", True)
         kwargs["model_options"] = options
         size = "x".join(str(s) for s in options["input_size"])
-        bce = plan.get("loss") == "bce"
+        bce = plan.loss == "bce"
         self.deviations = [
             f"network topology planned by nnU-Net's 2D rules for the {size} input (stages until the bottleneck is "
             ">= 4 px, 32 features doubling to 512, 2 convs per stage, InstanceNorm + LeakyReLU)",
@@ -134,4 +135,4 @@ class NNUNet2DTrainer(Trainer):
         super().__init__(*args, **kwargs)
 
     def build_loss(self) -> nn.Module:
-        return DeepSupervisionLoss(DiceCELoss(self.plan["loss"], int(self.plan["num_outputs"])))
+        return DeepSupervisionLoss(DiceCELoss(self.plan.loss, self.plan.num_outputs))

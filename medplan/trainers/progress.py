@@ -1,6 +1,7 @@
 """What a run tells its user: training.log, metrics.jsonl, progress.png and a progress bar.
 
-The bar (with ETA) is shown only when stderr is a terminal; in batch logs each epoch is one
+The bar (with ETA; :func:`medplan.progress.progress_bar`, the one bar of every stage) is shown
+only when stderr is a terminal unless the run asks for it; in batch logs each epoch is one
 summary line, so a 150-epoch run leaves 150 readable lines and no flood of carriage returns.
 """
 from __future__ import annotations
@@ -9,12 +10,10 @@ import logging
 import math
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
 
 from medplan.io import atomic_write_bytes, with_path
+from medplan.progress import interactive, progress_bar  # noqa: F401 - also imported from here
 from medplan.rundir import read_metrics, write_metrics  # noqa: F401 - metrics.jsonl's format lives with the run folder
-
-T = TypeVar("T")
 
 LOG_FORMAT = "%(asctime)s %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -115,27 +114,6 @@ class RunLog:
             self.logger.removeHandler(h)
             h.close()
         self._handlers.clear()
-
-
-def interactive() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
-def progress_bar(iterable: Iterable[T], *, total: int, desc: str, enabled: bool | None = None) -> Iterator[T]:
-    """A tqdm bar with ETA on a terminal; the bare iterable otherwise."""
-    if enabled is None:
-        enabled = interactive()
-    if not enabled:
-        yield from iterable
-        return
-    from tqdm.auto import tqdm
-
-    with tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True, unit="batch") as bar:
-        for item in bar:
-            yield item
 
 
 def format_epoch_line(record: dict, total_epochs: int) -> str:

@@ -66,16 +66,16 @@ def run_config(t: "Trainer") -> dict[str, Any]:
         "device_name": torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else platform.processor() or platform.machine(),
         "amp": None if t.amp_dtype is None else str(t.amp_dtype).replace("torch.", ""),
         "world_size": t.ctx.world_size,
-        "schedule": {"name": (t.plan.get("lr_schedule") or {}).get("name", "rex"), "stepped": "per optimizer step",
+        "schedule": {"name": t.plan.lr_schedule.name, "stepped": "per optimizer step",
                      "total_steps": t.epochs * t.steps_per_epoch},
-        "loss": t.plan["loss"], "class_weights": t.class_weights, "internal_size": t.internal_size,
+        "loss": t.plan.loss, "class_weights": t.class_weights, "internal_size": t.internal_size,
         "model_options": t.model_options, "parameters": t.param_counts,
         "pretrained": t.model_options.get("pretrained", False), "pretrained_report": t.pretrained_report,
         "n_train": len(t.train_cases), "n_val": len(t.val_cases),
         "train_cases": t.train_cases, "val_cases": t.val_cases,
         "deviations": t.notes,
         "versions": versions(), "hostname": socket.gethostname(), "git_commit": git_commit(),
-        "plan": t.plan,
+        "plan": t.plan.to_json(),
     }
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from medplan.errors import MedplanError
+from medplan.plan import Plan
 
 DEFAULT_SEED = 12345
 STAGES = ("cv", "lr_search")
@@ -21,9 +22,9 @@ STAGES = ("cv", "lr_search")
 class TrainSettings:
     """One run's settings: the plan's protocol unless a command-line flag overrides it."""
 
-    lr: float | None = None            # None: lr_search.json's best_lr, else plan["lr"]
-    epochs: int | None = None          # None: plan["epochs"][stage]
-    batch_size: int | None = None      # None: plan["batch_size"] (global batch under DDP)
+    lr: float | None = None            # None: lr_search.json's best_lr, else plan.lr
+    epochs: int | None = None          # None: plan.epochs for the stage
+    batch_size: int | None = None      # None: plan.batch_size (global batch under DDP)
     device: str = "auto"               # auto | cpu | cuda | mps
     amp: bool = True                   # mixed precision on CUDA (never on CPU/MPS)
     seed: int = DEFAULT_SEED
@@ -63,8 +64,8 @@ class EarlyStopping:
 
     def __init__(self, monitor: str = "val_mIoU", mode: str = "max", patience: int | None = 30,
                  min_delta: float = 0.0):
-        if mode not in ("max", "min"):
-            raise MedplanError(f"early_stopping.mode must be max or min, got {mode!r}", "plans.json")
+        if mode not in ("max", "min"):  # a plan's mode is checked when it is read (medplan.plan)
+            raise ValueError(f"early_stopping.mode must be max or min, got {mode!r}")
         self.monitor, self.mode, self.patience, self.min_delta = monitor, mode, patience, float(min_delta)
         self.best: float | None = None
         self.best_epoch = 0
@@ -72,9 +73,9 @@ class EarlyStopping:
         self.stopped_epoch: int | None = None
 
     @classmethod
-    def from_plan(cls, plan: dict) -> "EarlyStopping":
-        es = plan.get("early_stopping") or {}
-        return cls(es.get("monitor", "val_mIoU"), es.get("mode", "max"), es.get("patience"), es.get("min_delta", 0.0))
+    def from_plan(cls, plan: Plan) -> "EarlyStopping":
+        es = plan.early_stopping
+        return cls(es.monitor, es.mode, es.patience, es.min_delta)
 
     def step(self, value: float, epoch: int) -> bool:
         """Record ``value``; True when training should stop now."""

@@ -58,7 +58,7 @@ class SwinUMambaTrainer(Trainer):
         return model
 
     def configure_optimizers(self, model: nn.Module) -> torch.optim.Optimizer:
-        betas = tuple((self.plan.get("optimizer") or {}).get("betas", (0.9, 0.999)))
+        betas = tuple(self.plan.optimizer.betas)
         return torch.optim.AdamW(self.parameter_groups(model), lr=self.lr, weight_decay=self.weight_decay,
                                  eps=self.adam_eps, betas=betas)
 

@@ -112,7 +112,7 @@ class SyncSAMTrainer(Trainer):
         return model
 
     def build_loss(self) -> nn.Module:
-        return DiceFocalLoss(int(self.plan["num_outputs"]), dice_weight=self.dice_weight)
+        return DiceFocalLoss(self.plan.num_outputs, dice_weight=self.dice_weight)
 
     def forward_batch(self, model: nn.Module, batch: dict) -> torch.Tensor:
         """Training: prompted with the box of the batch's labels; validation and prediction

@@ -16,6 +16,8 @@ from medplan.errors import MedplanError
 from medplan.io import atomic_write_json
 from medplan.paths import results_dir
 from medplan.rundir import LR_SEARCH, LR_SEARCH_SUMMARY, RunDir, lr_tag
+from medplan.stagefiles import load_plan
+from medplan.trainers.api import train
 
 
 def best_val_miou(fold_dir: Path) -> float:
@@ -31,15 +33,11 @@ def tune(dataset: str, arch: str, *, lrs: Sequence[float] | None = None, epochs:
          fold: int = 0, overrides: dict[str, Any] | None = None, model_options: dict[str, Any] | None = None,
          force: bool = False) -> dict:
     """Train every LR of the grid on ``fold``; write and return ``ARCH/lr_search.json``."""
-    # pipeline sits above trainers; train is defined by the package that imports this module
-    from medplan.pipeline import load_plan
-    from medplan.trainers import train
-
     plan = load_plan(dataset)
-    grid = [float(x) for x in (lrs if lrs else plan["lr_grid"])]
+    grid = [float(x) for x in (lrs if lrs else plan.lr_grid)]
     if any(x <= 0 for x in grid):
         raise MedplanError(f"learning rates must be positive, got {grid}")
-    budget = int(epochs or plan["epochs"]["lr_search"])
+    budget = int(epochs or plan.epochs.lr_search)
     overrides = {k: v for k, v in (overrides or {}).items() if k not in ("lr", "epochs", "stage", "force")}
     if fold == "all" or str(fold) == "all":
         raise MedplanError("the LR search needs a validation fold, not 'all'")

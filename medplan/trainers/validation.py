@@ -1,7 +1,7 @@
 """Validation of a set-up trainer: loss and metrics every epoch on the whole validation fold
 at the planned size, and at the end the best weights' label maps at each case's original size
 (``validation/CASE.png`` + ``validation/summary.json``, through
-:func:`medplan.evaluation.metrics.probabilities_to_labels`, the function prediction uses).
+:func:`medplan.metrics.probabilities_to_labels`, the function prediction uses).
 
 These are the bodies of the trainer's ``validate`` and ``predict_validation_cases`` hooks;
 the network runs through its ``forward_batch`` hook.
@@ -16,12 +16,12 @@ from torch import nn
 import medplan.trainers.distributed as ddp
 from medplan.data import iterate_validation
 from medplan.errors import MedplanError
-from medplan.evaluation.metrics import (MetricAccumulator, logits_to_labels, logits_to_probs, probabilities_to_labels,
-                                        summary_dict)
 from medplan.io import atomic_directory, atomic_write_json, atomic_write_png, read_label
+from medplan.metrics import (MetricAccumulator, logits_to_labels, logits_to_probs, probabilities_to_labels,
+                             summary_dict)
 from medplan.preprocessing import load_case
+from medplan.progress import progress_bar
 from medplan.rundir import BEST, SUMMARY
-from medplan.trainers.progress import progress_bar
 
 if TYPE_CHECKING:  # annotations only: base imports this module
     from medplan.trainers.base import Trainer
@@ -51,13 +51,13 @@ def validation_metrics(t: "Trainer") -> dict | None:
     if t.ctx.is_main:
         model = ddp.unwrap(t.model)
         model.eval()
-        acc = MetricAccumulator(int(t.plan["num_classes"]))
+        acc = MetricAccumulator(t.plan.num_classes)
         loss_sum, n = 0.0, 0
         for batch in validation_batches(t):
             logits = predict(t, model, batch)
             loss_sum += float(t.compute_loss(logits, batch)) * logits.shape[0]
             n += logits.shape[0]
-            acc.add(logits_to_labels(logits, t.plan["loss"]), batch["seg"], list(batch["case_ids"]))
+            acc.add(logits_to_labels(logits, t.plan.loss), batch["seg"], list(batch["case_ids"]))
         metrics = acc.result(t.class_names)
         result = {"loss": loss_sum / max(n, 1), "mIoU": float(metrics["mIoU"]), "mDSC": float(metrics["mDSC"])}
         model.train()
@@ -75,12 +75,13 @@ def write_validation_predictions(t: "Trainer") -> dict:
                            "restore the raw dataset, then rerun with --continue", missing[0])
     model = ddp.unwrap(t.model)
     model.eval()
-    k = int(t.plan["num_classes"])
+    k = t.plan.num_classes
     at_original, at_input = MetricAccumulator(k), MetricAccumulator(k)
-    loss = t.plan["loss"]
+    loss = t.plan.loss
     with atomic_directory(t.run_dir.validation) as tmp:
         batches = progress_bar(validation_batches(t), total=-(-len(t.val_cases) // val_batch_size(t)),
-                               desc="predicting validation cases", enabled=t.settings.progress)
+                               desc="predicting validation cases", enabled=t.settings.progress, unit="batch",
+                               leave=False)
         for batch in batches:
             logits = predict(t, model, batch)
             at_input.add(logits_to_labels(logits, loss), batch["seg"], list(batch["case_ids"]))
