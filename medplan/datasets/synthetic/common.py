@@ -8,7 +8,7 @@ import json
 import math
 import shutil
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 from PIL import Image
@@ -234,3 +234,16 @@ def plant_jpeg(truth: Truth, images: Path, masks: Path, src_id: str, dup_id: str
     shutil.copyfile(masks / mask_name, masks / dup_mask)
     truth.add(dup_id, label)
     truth.duplicate(src_id, dup_id, kind)
+
+
+def plant_same_name_duplicates(truth: Truth, images: Path, masks: Path, suffix: str,
+                               dup_id: Callable[[int, str], str]) -> None:
+    """One duplicate of each kind, for layouts whose image and mask share a file name
+    (NeoPolyp, Kvasir); ``dup_id(k, src)`` names the k-th copy of case ``src``."""
+    originals = list(truth.info["cases"])
+    for k, kind in enumerate(DUPLICATE_KINDS):
+        src = originals[k % len(originals)]
+        dup = dup_id(k, src)
+        name, dup_name = f"{src}{suffix}", f"{dup}{suffix}"
+        plant_jpeg(truth, images, masks, src, dup, kind, name, name, dup_name, dup_name,
+                   read_image(truth.dir / "labels" / f"{src}.png"))

@@ -11,10 +11,9 @@ import numpy as np
 from PIL import Image
 from scipy.ndimage import gaussian_filter
 
-from medplan.datasets.synthetic.common import (DUPLICATE_KINDS, Distinct, Truth, bounding_box, clip_uint8,
-                                               ellipse_blob, image_size, jpeg_bytes, plant_jpeg, seeded_rng,
+from medplan.datasets.synthetic.common import (Distinct, Truth, bounding_box, clip_uint8, ellipse_blob,
+                                               image_size, jpeg_bytes, plant_same_name_duplicates, seeded_rng,
                                                smooth_field, wobble_terms)
-from medplan.io import read_image
 
 
 def _polyp_frame(rng: np.random.Generator, shape: tuple[int, int], n_polyps: tuple[int, int],
@@ -97,12 +96,7 @@ def write_neopolyp(root: str | Path, n: int = 24, size: tuple[int, int] | None =
         (test / f"test_{i:04d}.jpeg").write_bytes(jpeg_bytes(image, 90))
     (top / "sample_submission.csv").write_text("Id,Expected\n")
     if duplicates and n >= 1:
-        originals = list(truth.info["cases"])
-        for k, kind in enumerate(DUPLICATE_KINDS):
-            src = originals[k % len(originals)]
-            dup = f"dup{k}{src[4:]}"
-            plant_jpeg(truth, images, masks, src, dup, kind, f"{src}.jpeg", f"{src}.jpeg", f"{dup}.jpeg",
-                        f"{dup}.jpeg", read_image(truth.dir / "labels" / f"{src}.png"))
+        plant_same_name_duplicates(truth, images, masks, ".jpeg", lambda k, src: f"dup{k}{src[4:]}")
     truth.save()
     return top
 
@@ -133,12 +127,7 @@ def write_kvasir(root: str | Path, n: int = 24, size: tuple[int, int] | None = N
         truth.add(case_id, label)
     (top / "kavsir_bboxes.json").write_text(json.dumps(boxes) + "\n")
     if duplicates and n >= 1:
-        originals = list(truth.info["cases"])
-        for k, kind in enumerate(DUPLICATE_KINDS):
-            src = originals[k % len(originals)]
-            dup = f"cjd{k}{src[3:]}"
-            plant_jpeg(truth, images, masks, src, dup, kind, f"{src}.jpg", f"{src}.jpg", f"{dup}.jpg",
-                        f"{dup}.jpg", read_image(truth.dir / "labels" / f"{src}.png"))
+        plant_same_name_duplicates(truth, images, masks, ".jpg", lambda k, src: f"cjd{k}{src[3:]}")
     truth.save()
     return top
 
