@@ -68,17 +68,58 @@ def read_image(path: str | Path) -> np.ndarray:
                 raise ValueError(f"expected a 2D image, got array shape {array.shape}")
             return np.ascontiguousarray(array)
         with Image.open(path) as img:
-            img.load()
-            if img.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1"):
-                img = img.convert("RGB" if img.mode not in ("LA", "1") else "L")
-            elif img.mode == "I;16" or img.mode.startswith("I;16"):
-                return np.asarray(img, dtype=np.uint16)
-            return np.asarray(img)
+            return _pil_array(img)
     except MedplanError:
         raise
     except Exception as exc:  # PIL/ITK raise many types for corrupt files
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise MedplanError(f"cannot read image ({reason})", path) from None
+        raise _unreadable(exc, path) from None
+
+
+def _unreadable(exc: Exception, path: Path) -> MedplanError:
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return MedplanError(f"cannot read image ({reason})", path)
+
+
+def _pil_array(img: Image.Image) -> np.ndarray:
+    """The pixels of an opened PIL image as :func:`read_image` returns them."""
+    img.load()
+    if img.mode in ("P", "PA", "LA", "RGBA", "CMYK", "YCbCr", "1"):
+        img = img.convert("RGB" if img.mode not in ("LA", "1") else "L")
+    elif img.mode == "I;16" or img.mode.startswith("I;16"):
+        return np.asarray(img, dtype=np.uint16)
+    return np.asarray(img)
+
+
+def _plain_png(img: Image.Image) -> bool:
+    """From the header of an opened, not yet loaded image: an 8-bit gray or RGB PNG (no alpha,
+    palette, transparency chunk, lower or higher bit depth, animation), i.e. a file whose bytes
+    are already a valid raw-format image of exactly the array :func:`read_image` returns."""
+    if img.format != "PNG" or img.mode not in ("L", "RGB") or len(img.tile) != 1:
+        return False
+    rawmode = img.tile[0][3]  # "L" / "RGB" for 8 bits; "L;4", "RGB;16B", ... otherwise
+    return rawmode == img.mode and "transparency" not in img.info and not getattr(img, "is_animated", False)
+
+
+def read_image_keeping_png(path: str | Path) -> tuple[np.ndarray, bytes | None]:
+    """:func:`read_image` plus the file's bytes when it is an 8-bit gray or RGB PNG.
+
+    The bytes are the ones decoded (the file is read once), so writing them elsewhere gives a
+    file that decodes to exactly the returned array; ``None`` for every other file.
+    """
+    path = Path(path)
+    if image_suffix(path) in ITK_SUFFIXES or not path.is_file():
+        return read_image(path), None
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return read_image(path), None  # names the file and the reason, as for every unreadable file
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            keep = _plain_png(img)
+            array = _pil_array(img)
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise _unreadable(exc, path) from None
+    return array, (data if keep else None)
 
 
 # PIL modes whose pixel values are the stored numbers (class indices in a label map): a

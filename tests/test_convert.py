@@ -296,3 +296,50 @@ def test_folder_palette_masks_keep_their_indices(tmp_path, medplan_env):
             pal.save(mask)
     dest = convert_dataset("folder", src, "PAL", progress=False)
     assert np.unique(_png(dest / "labels" / "img0.png")).tolist() == [0, 1, 2]
+
+
+def _png16_rgb(array: np.ndarray) -> bytes:
+    """A 16-bit RGB PNG (Pillow opens it as 8-bit mode "RGB" but cannot write one)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    h, w, _ = array.shape
+    rows = b"".join(b"\0" + array[y].astype(">u2").tobytes() for y in range(h))
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(rows)) + chunk(b"IEND", b""))
+
+
+def test_plain_png_images_are_copied_byte_for_byte(tmp_path, medplan_env):
+    src = tmp_path / "pngs"
+    (src / "images").mkdir(parents=True)
+    (src / "masks").mkdir()
+    rng = np.random.default_rng(0)
+    shape = (20, 24)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (*shape, 3), dtype=np.uint8)).save(src / "images" / f"rgb{i}.png")
+    Image.fromarray(rng.integers(0, 256, (*shape, 4), dtype=np.uint8)).save(src / "images" / "rgba.png")
+    wide = rng.integers(0, 65536, (*shape, 3), dtype=np.uint16)
+    (src / "images" / "rgb16.png").write_bytes(_png16_rgb(wide))
+    for image in (src / "images").glob("*.png"):
+        mask = np.zeros(shape, np.uint8)
+        mask[4:12, 6:18] = 255
+        Image.fromarray(mask).save(src / "masks" / image.name)
+    dest = convert_dataset("folder", src, "PNGS", progress=False)
+    for i in range(4):
+        source, raw = src / "images" / f"rgb{i}.png", dest / "images" / f"rgb{i}.png"
+        assert raw.read_bytes() == source.read_bytes()
+        assert np.array_equal(_png(raw), _png(source)) and _png(raw).shape == (*shape, 3)
+    # not plain 8-bit RGB: converted (alpha dropped; 16 bits read as their high byte) and re-encoded
+    rgba = dest / "images" / "rgba.png"
+    assert rgba.read_bytes() != (src / "images" / "rgba.png").read_bytes()
+    assert np.array_equal(_png(rgba), _png(src / "images" / "rgba.png")[..., :3])
+    rgb16 = dest / "images" / "rgb16.png"
+    assert rgb16.read_bytes() != (src / "images" / "rgb16.png").read_bytes()
+    with Image.open(rgb16) as img:
+        assert img.mode == "RGB" and img.tile[0][3] == "RGB"  # stored with 8 bits per value
+    assert np.array_equal(_png(rgb16), (wide >> 8).astype(np.uint8))
+    for image in (src / "images").glob("*.png"):  # labels still decoded (255 -> 1) and re-encoded
+        assert np.unique(_png(dest / "labels" / image.name)).tolist() == [0, 1]

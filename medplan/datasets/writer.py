@@ -3,7 +3,8 @@
 Every case is decoded, validated (readable image, label of the same size, values inside the
 declared classes) and written as PNG inside a temporary folder that replaces
 ``$MEDPLAN_RAW/NAME`` only when every case succeeded, so a failed import never damages an
-earlier good one. Decoding and PNG encoding run in a small process pool for large datasets.
+earlier good one; an 8-bit gray or RGB PNG image is copied byte for byte, not re-encoded.
+Decoding and PNG encoding run in a small process pool for large datasets.
 Images with more than 8 bits per value share one intensity window (``intensity_window`` in
 dataset.json); mask files no image was paired with are listed (``orphan_masks`` and a note).
 """
@@ -27,7 +28,8 @@ from medplan.datasets.base import FORMATS, Case, Collected, LabelDecoder, read_l
 from medplan.errors import MedplanError
 from medplan.names import check_name
 from medplan.io import (ITK_SUFFIXES, atomic_directory, atomic_write_json, image_suffix, os_error_from_record,
-                        os_error_record, os_errors, png_bytes, read_image, read_json, to_uint8)
+                        os_error_record, os_errors, png_bytes, read_image, read_image_keeping_png, read_json,
+                        to_uint8)
 from medplan.locks import exclusive_lock, remove_stale_siblings
 from medplan.paths import raw_root as default_raw_root
 from medplan.progress import progress_bar
@@ -144,7 +146,12 @@ def _convert_case(task: tuple[Case, LabelDecoder, str, str, dict[str, Any] | Non
     (an OS error keeps its number, reason, file and operation across the process boundary)."""
     case, decoder, out, root, window = task
     try:
-        image = _image_uint8(read_image(case.image), case.image, window)
+        source, source_bytes = read_image_keeping_png(case.image)
+        image = _image_uint8(source, case.image, window)
+        # an 8-bit gray/RGB PNG the writer leaves unchanged (uint8: no window, no channel dropped)
+        # is copied byte for byte instead of re-encoded; the decode above checked it
+        if source_bytes is not None and (image.dtype != source.dtype or image.shape != source.shape):
+            source_bytes = None
         if image.shape[0] < 1 or image.shape[1] < 1:
             raise MedplanError("empty image", case.image)
         arrays = []
@@ -156,10 +163,10 @@ def _convert_case(task: tuple[Case, LabelDecoder, str, str, dict[str, Any] | Non
             arrays.append(array)
         label = decoder.decode(arrays, case.labels)
         out_dir = Path(out)
-        for sub, array in (("images", image), ("labels", label)):
+        for sub, array, data in (("images", image, source_bytes), ("labels", label, None)):
             target = out_dir / sub / f"{case.case_id}.png"
             with os_errors(target, "write"):
-                target.write_bytes(png_bytes(array))
+                target.write_bytes(png_bytes(array) if data is None else data)
     except MedplanError as exc:
         text = str(exc)
         if exc.path is not None and text.startswith(f"{exc.path}: "):
