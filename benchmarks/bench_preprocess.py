@@ -44,7 +44,7 @@ ANCHOR = {"tool": "nnU-Net v2.8.1", "images": 400, "seconds": 136.0, "images_per
 
 # ----------------------------------------------------------------------------- memory
 
-def _tree_pids(root: int) -> list[int]:
+def tree_pids(root: int) -> list[int]:
     pids, stack = [], [root]
     while stack:
         pid = stack.pop()
@@ -57,7 +57,7 @@ def _tree_pids(root: int) -> list[int]:
     return pids
 
 
-def _rss_bytes(pid: int) -> int:
+def pss_bytes(pid: int) -> int:
     """Proportional set size (shared pages split between the processes sharing them), else RSS.
 
     Forked workers share the parent's pages; summing their RSS would count those pages once
@@ -88,7 +88,7 @@ class TreeRSS:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            self.peak = max(self.peak, sum(_rss_bytes(p) for p in _tree_pids(os.getpid())))
+            self.peak = max(self.peak, sum(pss_bytes(p) for p in tree_pids(os.getpid())))
             time.sleep(self.interval)
 
     def __enter__(self) -> "TreeRSS":
@@ -100,7 +100,7 @@ class TreeRSS:
         self._thread.join()
 
     def reset(self) -> int:
-        peak, self.peak = self.peak, sum(_rss_bytes(p) for p in _tree_pids(os.getpid()))
+        peak, self.peak = self.peak, sum(pss_bytes(p) for p in tree_pids(os.getpid()))
         return peak
 
 

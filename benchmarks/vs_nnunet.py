@@ -49,6 +49,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_preprocess import pss_bytes, tree_pids  # noqa: E402  (the same process-tree sampler)
+
 HERE = Path(__file__).resolve().parent
 DATASET_ID = 987
 NNUNET_NAME = f"Dataset{DATASET_ID:03d}_VsMedplan"
@@ -60,31 +63,6 @@ MARK = "VS_NNUNET_RESULT "
 
 
 # ----------------------------------------------------------------------------- process tree
-
-def tree_pids(root: int) -> list[int]:
-    pids, stack = [], [root]
-    while stack:
-        pid = stack.pop()
-        pids.append(pid)
-        for task in Path(f"/proc/{pid}/task").glob("*"):
-            try:
-                stack.extend(int(c) for c in (task / "children").read_text().split())
-            except OSError:
-                pass
-    return pids
-
-
-def pss_bytes(pid: int) -> int:
-    """PSS (forked workers' shared pages counted once), else RSS."""
-    for name, key in (("smaps_rollup", "Pss:"), ("status", "VmRSS:")):
-        try:
-            for line in Path(f"/proc/{pid}/{name}").read_text().splitlines():
-                if line.startswith(key):
-                    return int(line.split()[1]) * 1024
-        except OSError:
-            continue
-    return 0
-
 
 TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
@@ -264,7 +242,6 @@ def step_medplan_loader(kind: str, workers: int, batches: int, n: int) -> dict:
         ids = sorted(p.name[:-len("_seg.npy")] for p in data.glob("*_seg.npy"))
         tmp = None
     else:
-        sys.path.insert(0, str(HERE))
         from bench_loader import plans, write_cases
         plan = plans(PATCH)["echo (gray)"]
         tmp = tempfile.TemporaryDirectory()
