@@ -8,16 +8,20 @@ intensity, gamma, noise, blur). Anchor: nnU-Net's 2D loader, about 37 samples/s 
 
 Figures, per plan:
 - ``augment``: the BatchAugmenter alone on one torch thread (augmentation cost only);
-- ``in-process``: TrainLoader(num_workers=0) on one thread: load + augment + normalize + hand-over;
+- ``in-process``: TrainLoader(num_workers=0) on one thread: load + augment + normalize;
 - ``N workers``: TrainLoader(num_workers=N) wall-clock throughput, and per core (divided by N);
 - ``per CPU-s``: samples per CPU-second used by the workers and the main process together
-  (``getrusage``), which stays meaningful on a machine shared with other jobs; the CPU
-  milliseconds per sample are also split into the main process (receiving, float16 -> float32)
-  and the workers (loading, augmenting, normalizing, sending);
+  (``getrusage`` for the main process, /proc for the live workers over the measured window),
+  which stays meaningful on a machine shared with other jobs; the CPU
+  milliseconds per sample are also split into the main process (copying each batch out of its
+  shared-memory slot, labels to long) and the workers (loading, augmenting, normalizing into
+  the slot);
 - a per-op table: each op alone at p = 1 (CPU ms per sample beyond the uint8 -> float copy),
   times the share of samples that pay for it under the plan.
 
-Usage: ``python benchmarks/bench_loader.py [--size 512] [--seconds 8] [--workers 1 2]``
+Usage: ``python benchmarks/bench_loader.py [--size 512] [--seconds 8] [--workers 1 2] [--device cuda]``
+(with ``--device cuda`` the loader rows are the GPU mode: workers load uint8 batches into their
+slots, the main process copies them through pinned memory and augments on the GPU).
 """
 from __future__ import annotations
 
@@ -32,10 +36,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench_preprocess import tree_pids  # noqa: E402  (the same process-tree walk)
 from medplan.data import TrainLoader, build_augmentation
 from medplan.plan import Augmentation, Plan, make_plan
 from medplan.planners.default import choose_augmentation
 
+TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 ANCHOR = 37.0  # nnU-Net 2D loader, samples/s per core at 512x512
 TARGET = 75.0
 
@@ -91,13 +97,33 @@ def bench_augment(plan: Plan, batch: int, seconds: float) -> tuple[float, float]
     return n / (time.perf_counter() - t0), n / (time.thread_time() - c0)
 
 
+def live_cpu_seconds(pids: list[int]) -> float | None:
+    """User + system CPU seconds of live processes (/proc); None where /proc is missing."""
+    total = 0.0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
 def bench_loader(ddir: Path, ids: list[str], plan: Plan, batch: int, workers: int,
-                 seconds: float) -> tuple[float, float, float]:
-    """(samples/s wall-clock, main-process CPU ms per sample, workers' CPU ms per sample)."""
-    loader = TrainLoader(ddir, ids, plan, batch_size=batch, num_workers=workers, device="cpu", seed=0)
+                 seconds: float, device: str = "cpu") -> tuple[float, float, float]:
+    """(samples/s wall-clock, main-process CPU ms per sample, workers' CPU ms per sample).
+
+    The workers' CPU time is read from /proc over the measured window only (the batches they
+    make ahead before and after it are not counted); without /proc it is their whole life
+    (``getrusage`` after the join), which counts those batches too.
+    """
+    loader = TrainLoader(ddir, ids, plan, batch_size=batch, num_workers=workers, device=device, seed=0)
     it = iter(loader)
-    next(it)  # workers started and warm
+    for _ in range(2):  # workers started and warm
+        next(it)
+    pids = tree_pids(os.getpid())[1:] if os.path.exists("/proc/self/stat") else []
     (main0, kids0), t0, n = cpu_seconds(), time.perf_counter(), 0
+    live0 = live_cpu_seconds(pids)
     while time.perf_counter() - t0 < seconds:
         try:
             b = next(it)
@@ -105,10 +131,14 @@ def bench_loader(ddir: Path, ids: list[str], plan: Plan, batch: int, workers: in
             it = iter(loader)
             continue
         n += b["image"].shape[0]
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    live1 = live_cpu_seconds(pids)
+    main1 = cpu_seconds()[0]
     loader.close()  # joins the workers: their CPU time is now in RUSAGE_CHILDREN
-    main1, kids1 = cpu_seconds()
-    return n / wall, 1000 * (main1 - main0) / n, 1000 * (kids1 - kids0) / n
+    kids = live1 - live0 if live0 is not None and live1 is not None else cpu_seconds()[1] - kids0
+    return n / wall, 1000 * (main1 - main0) / n, 1000 * kids / n
 
 
 OPS = {
@@ -161,10 +191,12 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--no-ops", action="store_true", help="skip the per-op table")
+    ap.add_argument("--device", default="cpu",
+                    help="cuda: the GPU mode (workers only load uint8, the main process augments on the GPU)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    lines = [f"size {args.size}x{args.size}, batch {args.batch}, torch {torch.__version__}, "
+    lines = [f"size {args.size}x{args.size}, batch {args.batch}, device {args.device}, torch {torch.__version__}, "
              f"{os.cpu_count()} CPUs, load average {load:.1f} at start; "
              f"anchor nnU-Net {ANCHOR:.0f}/s per core, target {TARGET:.0f}/s per core",
              "",
@@ -178,11 +210,11 @@ def main() -> None:
             rate, per_cpu = bench_augment(plan, args.batch, args.seconds)
             lines.append(f"| {name} | augment only, 1 thread | {rate:.1f} | {rate:.1f} | {per_cpu:.1f} "
                          f"| {1000 / per_cpu:.2f} | |")
-            wall, main_ms, _ = bench_loader(ddir, ids, plan, args.batch, 0, args.seconds)
+            wall, main_ms, _ = bench_loader(ddir, ids, plan, args.batch, 0, args.seconds, args.device)
             lines.append(f"| {name} | in-process (num_workers=0) | {wall:.1f} | {wall:.1f} | {1000 / main_ms:.1f} "
                          f"| {main_ms:.2f} | |")
             for w in args.workers:
-                wall, main_ms, kids_ms = bench_loader(ddir, ids, plan, args.batch, w, args.seconds)
+                wall, main_ms, kids_ms = bench_loader(ddir, ids, plan, args.batch, w, args.seconds, args.device)
                 lines.append(f"| {name} | {w} worker(s) | {wall:.1f} | {wall / w:.1f} | "
                              f"{1000 / (main_ms + kids_ms):.1f} | {main_ms:.2f} | {kids_ms:.2f} "
                              f"({1000 / kids_ms:.0f}/s per worker core) |")

@@ -30,7 +30,9 @@ before and after: on a shared machine read the CPU-second rates and the ratios, 
 wall-clock seconds.
 
 Usage: ``python benchmarks/vs_nnunet.py --n 200 --rounds 3 --workers 2 --batches 20``
-(needs ``pip install medplan[bench]``, i.e. nnunetv2).
+(needs ``pip install medplan[bench]``, i.e. nnunetv2). ``--preprocess-only`` skips the loaders;
+``--profile`` then runs medplan's three steps once more in one process under cProfile and prints
+the CPU milliseconds per image of each operation (decode, histograms, hash, resize, writes, ...).
 """
 from __future__ import annotations
 
@@ -268,6 +270,61 @@ def step_medplan_loader(kind: str, workers: int, batches: int, n: int) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- where medplan's time goes
+
+#: (step, operation, (file suffix, function)) for the per-image breakdown of ``--profile``: the
+#: cumulative time of that function in a cProfile of the step run in-process with one worker
+PROFILED = [
+    ("convert", "find cases, read every mask once (binary or class indices?)", ("datasets/folder.py", "collect")),
+    ("convert", "8-bit check of every image header (intensity window)", ("datasets/writer.py", "intensity_window")),
+    ("convert", "image: PNG header check + byte copy (or decode + encode)", ("datasets/writer.py", "_write_image")),
+    ("convert", "label: PNG header check + byte copy (or decode + encode)", ("datasets/writer.py", "_write_label")),
+    ("plan", "read image file + decode it (the one decode)", ("medplan/io.py", "decode_image")),
+    ("plan", "decode label", ("medplan/io.py", "read_label")),
+    ("plan", "histograms, colour share, corners", ("medplan/fingerprint.py", "_intensity_evidence")),
+    ("plan", "perceptual hash (imagehash phash)", ("medplan/duplicates.py", "perceptual_hash")),
+    ("plan", "file digest (SHA-256)", ("medplan/duplicates.py", "bytes_digest")),
+    ("plan", "resize image to the input size", ("medplan/preprocessing.py", "prepare_image")),
+    ("plan", "resize label", ("medplan/preprocessing.py", "prepare_label")),
+    ("plan", "write the two .npy arrays", ("medplan/io.py", "atomic_save_npy")),
+    ("plan", "write the case marker .json (and fingerprint/plan files)", ("medplan/io.py", "atomic_write_json")),
+    ("plan", "duplicate decisions (incl. pixel digests of shared keys)", ("medplan/duplicates.py", "duplicate_decisions")),
+    ("plan", "splits (nearly all of it the sklearn import, which the profiler inflates)",
+     ("medplan/splits.py", "make_splits")),
+    ("preprocess", "check every case is done (arrays written by plan)", ("medplan/preprocessing.py",
+                                                                        "preprocess_dataset")),
+]
+
+
+def step_profile(links: Path, n: int) -> dict:
+    """convert + plan + preprocess in this process (one worker) under cProfile: per-image ms of
+    each operation of :data:`PROFILED`, and of each step in all (with its imports)."""
+    import cProfile
+    import pstats
+    out: dict = {"ops": [], "steps": {}}
+    for step in ("convert", "plan", "preprocess"):
+        prof = cProfile.Profile(time.process_time)  # CPU time: wall time on a loaded machine means little
+        c0 = time.process_time()
+        prof.enable()
+        if step == "convert":
+            from medplan.datasets import convert_dataset
+            convert_dataset("folder", links, MEDPLAN_NAME, workers=1, progress=False, modality="dermoscopy",
+                            label_names="background,lesion")
+        elif step == "plan":
+            from medplan import pipeline
+            pipeline.plan(MEDPLAN_NAME, overrides={"input_size": [PATCH, PATCH]}, num_workers=1, progress=False)
+        else:
+            pipeline.preprocess(MEDPLAN_NAME, num_workers=1, progress=False)
+        prof.disable()
+        out["steps"][step] = (time.process_time() - c0) * 1000 / n
+        stats = pstats.Stats(prof).stats  # {(file, line, name): (cc, nc, tottime, cumtime, callers)}
+        for s, what, (suffix, name) in PROFILED:
+            if s == step:
+                cum = sum(v[3] for k, v in stats.items() if k[2] == name and k[0].endswith(suffix))
+                out["ops"].append([step, what, cum * 1000 / n])
+    return out
+
+
 # ----------------------------------------------------------------------------- driver
 
 def env_for(base: Path) -> dict[str, str]:
@@ -317,6 +374,28 @@ def run_loader(system: str, base: Path, env: dict, args: argparse.Namespace, log
             "peak": r["peak"], "cpu_total": r["cpu"], "wall_total": r["wall"]}
 
 
+def run_profile(base: Path, links: Path, env: dict, n: int, log: Path) -> dict:
+    for d in ("medplan_raw", "medplan_preprocessed"):
+        shutil.rmtree(base / d, ignore_errors=True)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "_step", "profile", "--n", str(n), "--prep", str(links)]
+    return measured(cmd, env, log)["result"]
+
+
+def print_profile(profile: dict, n: int) -> None:
+    print()
+    print(f"Where medplan's time goes: each step once more in one process (1 worker) under cProfile, "
+          f"CPU ms per image ('all': the whole step with its imports / {n} images; the profiler inflates "
+          f"Python-heavy work such as imports several times, use the timed runs for totals); "
+          f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+    print()
+    print("| step | operation | CPU ms per image |")
+    print("|---|---|---|")
+    for step, what, ms in profile["ops"]:
+        print(f"| {step} | {what} | {ms:.2f} |")
+    for step, ms in profile["steps"].items():
+        print(f"| {step} | all | {ms:.2f} |")
+
+
 def med(values: list[float], fmt: str) -> str:
     m = statistics.median(values)
     if len(values) == 1:
@@ -332,6 +411,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=20, help="measured loader batches of 8 (after 2 warm-up)")
     ap.add_argument("--workdir", type=Path, default=None, help="where the temporary folder goes")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (and its log)")
+    ap.add_argument("--preprocess-only", action="store_true", help="skip the loaders")
+    ap.add_argument("--profile", action="store_true",
+                    help="then medplan's steps once more in one process under cProfile: per-image ms per operation")
+    ap.add_argument("--profile-only", action="store_true", help="only the --profile table (no nnU-Net, no rounds)")
     args = ap.parse_args(argv)
     try:
         import nnunetv2  # noqa: F401
@@ -344,12 +427,23 @@ def main(argv: list[str] | None = None) -> int:
     log = base / "steps.log"
     env = env_for(base)
     load_before = os.getloadavg()
+    loads: list[float] = []
+    stop_loads = threading.Event()
+
+    def sample_load() -> None:  # the 1-minute load average every 10 s, for "during the run"
+        while not stop_loads.wait(10):
+            loads.append(os.getloadavg()[0])
+
+    threading.Thread(target=sample_load, daemon=True).start()
     print(f"# {args.n} images ~560x640 RGB PNG, K={args.workers}, {args.rounds} rounds, "
           f"{os.cpu_count()} CPUs, nnunetv2 {nnunet_version}; workdir {base}", flush=True)
     try:
         t = time.perf_counter()
         _, links = make_dataset(base, args.n, args.workers)
         print(f"# dataset written in {time.perf_counter() - t:.1f} s (not timed below)", flush=True)
+        if args.profile_only:
+            print_profile(run_profile(base, links, env, args.n, log), args.n)
+            return 0
         R: dict[str, list[dict]] = {k: [] for k in ("nn_pre", "mp_pre", "nn_load", "mp_rgb", "mp_gray")}
         for r in range(args.rounds):
             first_nn = r % 2 == 0
@@ -362,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
                 x = R["nn_pre" if s == "nn" else "mp_pre"][-1]
                 print(f"# round {r + 1}: {s} preprocess {x['wall']:.1f} s wall, {x['cpu']:.1f} CPU-s, "
                       f"{x['peak'] / 2**20:.0f} MB", flush=True)
-            for s in order:
+            for s in order if not args.preprocess_only else ():
                 keys = [("nn_load", "nnunet")] if s == "nn" else [("mp_rgb", "medplan-rgb"), ("mp_gray", "medplan-gray")]
                 for key, system in keys:
                     R[key].append(run_loader(system, base, env, args, log))
@@ -370,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"# round {r + 1}: {system} loader {x['rate_wall']:.1f} samples/s wall, "
                           f"{x['rate_cpu']:.1f} per CPU-s, {x['peak'] / 2**20:.0f} MB", flush=True)
         load_after = os.getloadavg()
+        profile = run_profile(base, links, env, args.n, log) if args.profile else None
         n = args.n
         rows = []
 
@@ -385,11 +480,18 @@ def main(argv: list[str] | None = None) -> int:
         row("plan + preprocess, images per CPU-s", [n / x["cpu"] for x in nnp], [n / x["cpu"] for x in mpp], ".2f", True)
         row("plan + preprocess, peak PSS of the tree (MB)", [x["peak"] / 2**20 for x in nnp],
             [x["peak"] / 2**20 for x in mpp], ".0f", False)
-        parts = " / ".join(f"{k} {statistics.median(p['parts'][k]['cpu'] for p in mpp):.1f}"
-                           for k in ("convert", "plan", "preprocess"))
+        steps = ("convert", "plan", "preprocess")
+        parts = " / ".join(f"{k} {statistics.median(p['parts'][k]['cpu'] for p in mpp):.1f}" for k in steps)
         rows.append(f"| medplan CPU-s by step (convert / plan / preprocess) | | {parts} | |")
+        walls = " / ".join(f"{k} {statistics.median(p['parts'][k]['wall'] for p in mpp):.1f}" for k in steps)
+        rows.append(f"| medplan wall s by step (convert / plan / preprocess) | | {walls} | |")
+        per_image = " / ".join(f"{1000 * statistics.median(p['parts'][k]['cpu'] for p in mpp) / n:.1f}" for k in steps)
+        rows.append(f"| CPU ms per image by step (convert / plan / preprocess; incl. start-up) | "
+                    f"{1000 * statistics.median(x['cpu'] for x in nnp) / n:.1f} | {per_image} | |")
         nl, rgb, gray = R["nn_load"], R["mp_rgb"], R["mp_gray"]
         for label, mine in (("RGB (dermoscopy plan)", rgb), ("gray (echo plan; nnU-Net column: its RGB loader)", gray)):
+            if not mine:
+                continue
             row(f"loader {label}, samples/s (wall)", [x["rate_wall"] for x in nl], [x["rate_wall"] for x in mine],
                 ".1f", True)
             row(f"loader {label}, samples per CPU-s", [x["rate_cpu"] for x in nl], [x["rate_cpu"] for x in mine],
@@ -400,12 +502,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{n} images ~560x640 RGB PNG, 2 classes; K={args.workers} processes each; loaders {PATCH}x{PATCH}, "
               f"batch {BATCH}, {args.batches} batches after {WARMUP} warm-up; median [range] of {args.rounds} "
               f"rounds; ratio > 1 means medplan is better")
+        stop_loads.set()
+        during = (f"during: mean {statistics.mean(loads):.2f}, max {max(loads):.2f} (1-min, every 10 s); "
+                  if loads else "")
         print(f"load average (1/5/15 min) before {' '.join(f'{x:.2f}' for x in load_before)}, "
-              f"after {' '.join(f'{x:.2f}' for x in load_after)}; {os.cpu_count()} CPUs")
+              f"after {' '.join(f'{x:.2f}' for x in load_after)}; {during}{os.cpu_count()} CPUs")
         print()
         print(f"| what | nnU-Net v{nnunet_version} | medplan | ratio |")
         print("|---|---|---|---|")
         print("\n".join(rows))
+        if profile is not None:
+            print_profile(profile, n)
     finally:
         if args.keep:
             print(f"# kept {base}")
@@ -416,13 +523,15 @@ def main(argv: list[str] | None = None) -> int:
 
 def step_main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("system", choices=("nnunet", "medplan-rgb", "medplan-gray"))
+    ap.add_argument("system", choices=("nnunet", "medplan-rgb", "medplan-gray", "profile"))
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--batches", type=int, default=20)
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--prep", type=Path)
     a = ap.parse_args(argv)
-    if a.system == "nnunet":
+    if a.system == "profile":
+        out = step_profile(a.prep, a.n)
+    elif a.system == "nnunet":
         os.environ["nnUNet_n_proc_DA"] = str(a.workers)
         out = step_nnunet_loader(a.prep, a.workers, a.batches)
     else:

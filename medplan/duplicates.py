@@ -82,12 +82,58 @@ def bytes_digest(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()[:32]
 
 
-def pixel_digest(array: np.ndarray) -> str:
-    """Digest of decoded pixels, including shape and dtype so (2, 6) never equals (3, 4)."""
+def pixel_digest(array: np.ndarray | Image.Image) -> str:
+    """Digest of decoded pixels, including shape and dtype so (2, 6) never equals (3, 4).
+
+    An 8-bit gray or RGB PIL image gives the digest of its ``np.asarray`` (same bytes, one copy
+    fewer)."""
     h = hashlib.sha256()
+    if isinstance(array, Image.Image) and array.mode in ("L", "RGB"):
+        w, height = array.size
+        shape = (height, w) if array.mode == "L" else (height, w, 3)
+        h.update(f"|u1{shape}".encode())
+        h.update(array.tobytes())
+        return h.hexdigest()[:32]
+    array = np.asarray(array)
     h.update(f"{array.dtype.str}{array.shape}".encode())
     h.update(np.ascontiguousarray(array).data)
     return h.hexdigest()[:32]
+
+
+def pixel_key(shape: Sequence[int], hist: np.ndarray, phash: bytes) -> str:
+    """Digest of what a decoded image's pixels determine (shape, histograms, perceptual hash),
+    computed while they are decoded: images with equal pixels have equal keys (see
+    :func:`exact_pixel_digests`)."""
+    h = hashlib.sha256(f"{tuple(int(s) for s in shape)}".encode())
+    h.update(np.ascontiguousarray(hist).tobytes())
+    h.update(phash)
+    return h.hexdigest()[:32]
+
+
+def exact_pixel_digests(byte_digests: Sequence[str], pixel_keys: Sequence[str],
+                        digest_of: Callable[[int], str]) -> list[str]:
+    """Per case, a digest equal to another case's exactly when their decoded pixels are equal,
+    without digesting every image's pixels.
+
+    Equal pixels have equal :func:`pixel_key`, and equal bytes have equal pixels: a case whose
+    key no file with other bytes shares gets its bytes digest; only the cases of a key shared by
+    different files get ``digest_of(i)`` (:func:`pixel_digest` of case ``i``, decoded again by
+    the caller), in practice the re-encoded copies of one image and nothing else."""
+    files: dict[str, set[str]] = {}
+    for b, k in zip(byte_digests, pixel_keys):
+        files.setdefault(k, set()).add(b)
+    return [digest_of(i) if len(files[k]) > 1 else f"bytes:{b}"
+            for i, (b, k) in enumerate(zip(byte_digests, pixel_keys))]
+
+
+def preload_hash(hash_name: str) -> None:
+    """Import what the hash function imports on its first call, in the parent process, so that
+    forked workers share it instead of each importing it (scipy.fftpack: ~0.2 CPU-s each)."""
+    _hash_functions()
+    if hash_name == "phash":
+        import scipy.fftpack  # noqa: F401
+    elif hash_name == "whash":
+        import pywt  # noqa: F401
 
 
 def perceptual_hash(image: np.ndarray | Image.Image, hash_name: str = DEFAULT_HASH,

@@ -2,7 +2,8 @@
 
 Every image is decoded once, in worker processes, and everything that needs its pixels is
 done in that pass: validation, per-channel 256-bin histograms (exact mean, std and
-percentiles for uint8), the label histogram, byte and pixel digests, the perceptual hash,
+percentiles for uint8), the label histogram, the byte digest, the perceptual hash, a key that
+equal pixels share (pixels are digested, decoded again, only where two files share one),
 the sector-scan evidence and, when the caller hands in an array writer (:class:`ArrayWriter`;
 the pipeline hands in :class:`medplan.preprocessing.CaseArrays`), the resized arrays, so this
 module knows nothing of the array format. Workers hand back small records, never pixels; the
@@ -25,10 +26,10 @@ from PIL import Image, ImageChops
 import medplan
 from medplan.datasets.raw import RawIndex, load_raw_index  # noqa: F401 - RawIndex is imported from here too
 from medplan.duplicates import (DEFAULT_HASH, DEFAULT_HASH_SIZE, DEFAULT_THRESHOLD, DuplicateReport, bytes_digest,
-                                check_hash_options, duplicate_decisions, perceptual_hash, pixel_digest,
-                                summary_line, write_duplicates_csv)
+                                check_hash_options, duplicate_decisions, exact_pixel_digests, perceptual_hash,
+                                pixel_digest, pixel_key, preload_hash, summary_line, write_duplicates_csv)
 from medplan.errors import MedplanError
-from medplan.io import (atomic_write_json, os_error_from_record, os_error_record, os_errors, read_image, read_label,
+from medplan.io import (atomic_write_json, decode_image, os_error_from_record, os_error_record, os_errors, read_label,
                         with_path)
 from medplan.parallel import run_tasks
 
@@ -60,8 +61,9 @@ class ArrayWriter(Protocol):
     def prepare(self) -> None:
         """Make the folder (before the pass)."""
 
-    def write(self, case_id: str, image: np.ndarray, label: np.ndarray, channels: int) -> None:
-        """Write one case (in a worker) with ``channels`` (1 or 3) input channels."""
+    def write(self, case_id: str, image: np.ndarray | Image.Image, label: np.ndarray, channels: int) -> None:
+        """Write one case (in a worker) with ``channels`` (1 or 3) input channels; ``image`` is
+        the decoded 8-bit gray or RGB PIL image (or an array of the same pixels)."""
 
     def keep_only(self, case_ids: Iterable[str]) -> None:
         """Remove leftovers and the arrays of every other case (after the pass)."""
@@ -84,14 +86,17 @@ def _scan_case(task: tuple) -> dict:
 def _scan(case_id: str, image_path: Path, label_path: Path, opt: dict) -> dict:
     with os_errors(image_path, "read"):
         data = image_path.read_bytes()
-    image = read_image(image_path)
-    if image.dtype != np.uint8:
-        raise MedplanError(f"expected an 8-bit image, got {image.dtype}", image_path)
-    if image.ndim == 3 and image.shape[2] == 1:
-        image = image[:, :, 0]
-    if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-        raise MedplanError(f"expected a gray or RGB image, got shape {image.shape}", image_path)
-    stored = 1 if image.ndim == 2 else 3
+    image = decode_image(data, image_path)  # the one decode; a PIL image when 8-bit gray or RGB
+    if isinstance(image, np.ndarray):  # anything else: checked as an array, then a PIL image
+        if image.dtype != np.uint8:
+            raise MedplanError(f"expected an 8-bit image, got {image.dtype}", image_path)
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[:, :, 0]
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
+            raise MedplanError(f"expected a gray or RGB image, got shape {image.shape}", image_path)
+        image = Image.fromarray(np.ascontiguousarray(image), mode="L" if image.ndim == 2 else "RGB")
+    stored = 1 if image.mode == "L" else 3
+    w, h = image.size
     if opt["channels"] is not None and stored != opt["channels"]:
         raise MedplanError(f"image has {stored} channel(s) but dataset.json declares {opt['channels']}", image_path)
     label = read_label(label_path)  # a palette PNG's indices are its classes
@@ -99,35 +104,17 @@ def _scan(case_id: str, image_path: Path, label_path: Path, opt: dict) -> dict:
         raise MedplanError(f"label must be a single-channel (class index) image, got shape {label.shape}", label_path)
     if label.dtype != np.uint8:
         raise MedplanError(f"expected an 8-bit label image, got {label.dtype}", label_path)
-    if label.shape != image.shape[:2]:
-        raise MedplanError(f"label size {list(label.shape)} != image size {list(image.shape[:2])}", label_path)
+    if label.shape != (h, w):
+        raise MedplanError(f"label size {list(label.shape)} != image size {[h, w]}", label_path)
     label_hist = np.asarray(Image.fromarray(label, mode="L").histogram(), dtype=np.int64)
     n_classes = opt["n_classes"]
     bad = np.nonzero(label_hist[n_classes:])[0] + n_classes
     if bad.size:
         raise MedplanError(f"label values {bad.tolist()} are not declared classes 0..{n_classes - 1}", label_path)
 
-    # PIL's C histograms and channel arithmetic are several times faster than numpy here
-    hist = np.zeros((4, 256), dtype=np.uint32)  # stored channels in 0..2, luma (gray) in 3
-    if stored == 1:
-        gray_pil = Image.fromarray(image, mode="L")
-        hist[:] = gray_pil.histogram()  # as RGB too (R=G=B), for sets that mix gray and RGB
-        color_share = 0.0
-    else:
-        rgb_pil = Image.fromarray(image, mode="RGB")
-        hist[:3] = np.asarray(rgb_pil.histogram(), dtype=np.uint32).reshape(3, 256)
-        gray_pil = rgb_pil.convert("L")
-        hist[3] = gray_pil.histogram()
-        r, g, b = rgb_pil.split()
-        spread = ImageChops.lighter(ImageChops.difference(r, g), ImageChops.difference(g, b))
-        color_share = float(sum(spread.histogram()[GRAY_TOLERANCE + 1:])) / (image.shape[0] * image.shape[1])
-    gray = np.asarray(gray_pil)
-    h, w = gray.shape
-    ch, cw = max(1, round(h * CORNER_ROWS)), max(1, round(w * CORNER_COLS))
-    corners = np.concatenate([gray[:ch, :cw].ravel(), gray[:ch, w - cw:].ravel()])
-    border_black = float(np.count_nonzero(corners <= BLACK_LEVEL)) / corners.size
+    hist, gray, color_share, border_black = _intensity_evidence(image)
     is_gray = stored == 1 or color_share <= GRAY_MAX_COLOR_SHARE
-    phash = perceptual_hash(gray_pil, opt["hash_name"], opt["hash_size"])
+    phash = perceptual_hash(gray, opt["hash_name"], opt["hash_size"])
 
     array_channels = None
     if opt["arrays"] is not None:
@@ -139,11 +126,46 @@ def _scan(case_id: str, image_path: Path, label_path: Path, opt: dict) -> dict:
     return {
         "case_id": case_id, "error": None,
         "size": (int(h), int(w)), "channels": stored,
-        "bytes_digest": bytes_digest(data), "pixel_digest": pixel_digest(image), "phash": phash,
+        "bytes_digest": bytes_digest(data), "pixel_key": pixel_key((h, w, stored), hist, phash), "phash": phash,
         "hist": hist, "label_counts": label_hist[:n_classes].astype(np.int64),
         "color_share": color_share, "is_gray": is_gray, "border_black": border_black,
         "array_channels": array_channels,
     }
+
+
+def _pixel_digest_of(path: Path) -> str:
+    """:func:`pixel_digest` of a raw image, decoded again (only for the few cases whose pixels
+    may equal another file's; see :func:`medplan.duplicates.exact_pixel_digests`)."""
+    with os_errors(path, "read"):
+        data = path.read_bytes()
+    image = decode_image(data, path)
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 1:
+        image = image[:, :, 0]
+    return pixel_digest(image)
+
+
+def _intensity_evidence(image: Image.Image) -> tuple[np.ndarray, Image.Image, float, float]:
+    """``(hist, gray, color_share, border_black)`` of an 8-bit gray or RGB image: the 256-bin
+    histograms of the stored channels (rows 0..2) and of the luma (row 3), the luma image, the
+    share of pixels whose channels differ by more than GRAY_TOLERANCE and the near-black share
+    of the top corners. PIL's C histograms and channel arithmetic: several times faster than numpy."""
+    w, h = image.size
+    hist = np.zeros((4, 256), dtype=np.uint32)
+    if image.mode == "L":
+        gray = image
+        hist[:] = gray.histogram()  # as RGB too (R=G=B), for sets that mix gray and RGB
+        color_share = 0.0
+    else:
+        hist[:3] = np.asarray(image.histogram(), dtype=np.uint32).reshape(3, 256)
+        gray = image.convert("L")
+        hist[3] = gray.histogram()
+        r, g, b = image.split()
+        spread = ImageChops.lighter(ImageChops.difference(r, g), ImageChops.difference(g, b))
+        color_share = float(sum(spread.histogram()[GRAY_TOLERANCE + 1:])) / (h * w)
+    ch, cw = max(1, round(h * CORNER_ROWS)), max(1, round(w * CORNER_COLS))
+    corners = [gray.crop(box).histogram() for box in ((0, 0, cw, ch), (w - cw, 0, w, ch))]
+    border_black = float(sum(sum(c[:BLACK_LEVEL + 1]) for c in corners)) / (2 * ch * cw)
+    return hist, gray, color_share, border_black
 
 
 def _reserve(f, size: int, folder: Path) -> None:
@@ -212,6 +234,7 @@ def fingerprint_dataset(raw_dir: str | Path, out_dir: str | Path, *, hash_name: 
     ids = raw.case_ids
     n = len(ids)
     tasks = [(c, str(raw.image_paths[c]), str(raw.label_paths[c]), opt) for c in ids]
+    preload_hash(hash_name)  # before the workers fork
     records: list[dict] = []
     with os_errors(out_dir, "write"):
         tmp = tempfile.TemporaryFile(dir=out_dir, prefix=".fingerprint_hist.", suffix=".tmp")
@@ -234,8 +257,11 @@ def fingerprint_dataset(raw_dir: str | Path, out_dir: str | Path, *, hash_name: 
                 arrays.discard_partial()
             raise
         groups = [raw.groups[c] for c in ids] if patient_aware(raw) else None
-        report = duplicate_decisions(ids, [r["bytes_digest"] for r in records], [r["pixel_digest"] for r in records],
-                                     [r["phash"] for r in records], threshold, groups)
+        byte_digests = [r["bytes_digest"] for r in records]
+        pixel_digests = exact_pixel_digests(byte_digests, [r["pixel_key"] for r in records],
+                                            lambda i: _pixel_digest_of(raw.image_paths[ids[i]]))
+        report = duplicate_decisions(ids, byte_digests, pixel_digests, [r["phash"] for r in records], threshold,
+                                     groups)
         dups = report.dropped
         dropped = {d.case_id for d in dups}
         kept_idx = np.array([i for i, c in enumerate(ids) if c not in dropped], dtype=np.int64)

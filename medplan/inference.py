@@ -33,21 +33,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from medplan.architectures import is_model, list_models
+from medplan.architectures import get_entry, is_model, list_models
 from medplan.errors import MedplanError
+from medplan.interop.nnunetv2 import NnunetPredictor, fold_from_pointer
+from medplan.interop.postprocessing import apply_postprocessing, read_postprocessing
 from medplan.io import atomic_write_png, case_stem, is_image_file, read_image, to_uint8
 from medplan.metrics import logits_to_probs, probabilities_to_labels
 from medplan.names import check_fold
 from medplan.plan import Plan
 from medplan.preprocessing import normalize, prepare_image
 from medplan.progress import progress_bar
-from medplan.rundir import CHECKPOINTS, FOLD_PREFIX, RunDir, checkpoint_name, fold_dirs
+from medplan.rundir import CHECKPOINTS, FOLD_PREFIX, RunDir, checkpoint_name, fold_dirs, is_model_dir
 from medplan.trainers.base import Trainer, resolve_device
 from medplan.trainers.checkpoint import load_checkpoint
 from medplan.trainers.registry import get_trainer, list_trainers
 
-__all__ = ["CHECKPOINTS", "FoldModel", "Predictor", "checkpoint_name", "list_images", "load_fold", "overlay_image",
-           "predict_folder", "recorded_trainer", "resolve_fold_dirs", "tta_flips"]
+__all__ = ["CHECKPOINTS", "FoldModel", "Predictor", "checkpoint_name", "external_arch", "list_images", "load_fold",
+           "load_external_folds", "overlay_image", "predict_folder", "recorded_trainer", "resolve_fold_dirs",
+           "tta_flips"]
 STATE_DICT_KEYS = ("model", "state_dict", "model_state_dict")
 #: medplan's own trainers whose recipe moved into the model cards (issue 12): runs that record
 #: them are served by the trainer now registered for their architecture (with the card's facts)
@@ -185,6 +188,33 @@ def load_fold(fold_dir: str | Path, checkpoint: str = "best", device: str | torc
                      model=model, forward=trainer.forward_logits)
 
 
+def external_arch(fold_dir: str | Path) -> str | None:
+    """The architecture of a fold folder when its own code, not medplan, runs it (``nnunetv2``)."""
+    arch = RunDir(fold_dir).config().get("arch")
+    return arch if isinstance(arch, str) and is_model(arch) and get_entry(arch).external else None
+
+
+def load_external_folds(fold_dirs: Sequence[str | Path], checkpoint: str = "best",
+                        device: str | torch.device = "cpu", batch_size: int | None = None) -> NnunetPredictor:
+    """nnunetv2 folds as one predictor (nnU-Net's): each fold's ``checkpoint_*.pt`` names nnU-Net's
+    model folder and checkpoint; every fold must share the plan and the nnU-Net trainer."""
+    folds, plan, trainer = [], None, None
+    for d in fold_dirs:
+        run = RunDir(d)
+        path = run.checkpoint(checkpoint)
+        pointer = load_checkpoint(path, map_location="cpu")
+        if not isinstance(pointer.get("plan"), dict):
+            raise MedplanError("names no plan (not an nnunetv2 run)", path)
+        fold_plan = Plan.from_json(pointer["plan"], source=path)
+        fold_trainer = str((pointer.get("nnunet") or {}).get("trainer") or "")
+        if plan is not None and (fold_plan.labels != plan.labels or fold_trainer != trainer):
+            raise MedplanError("fold was trained with other labels or another nnU-Net trainer than the first fold; "
+                               "ensemble folds of one plan only", path)
+        plan, trainer = fold_plan, fold_trainer
+        folds.append(fold_from_pointer(run.path, pointer, path))
+    return NnunetPredictor(folds, plan, trainer, device=device, batch_size=batch_size)
+
+
 # ---------------------------------------------------------------------------- predictor
 def _resolve_device(device: str | torch.device) -> torch.device:
     if isinstance(device, torch.device):
@@ -245,10 +275,13 @@ class Predictor:
     @classmethod
     def from_folder(cls, path: str | Path, folds: Sequence[int | str] | None = None, checkpoint: str = "best",
                     device: str | torch.device = "auto", tta: bool = False, batch_size: int | None = None,
-                    amp: bool = True) -> "Predictor":
-        """A model folder (``.../DATASET/ARCH`` holding ``fold_K/``) or one fold folder."""
+                    amp: bool = True) -> "Predictor | NnunetPredictor":
+        """A model folder (``.../DATASET/ARCH`` holding ``fold_K/``) or one fold folder (an
+        ``nnunetv2`` one gives nnU-Net's predictor, with the same interface)."""
         dev = _resolve_device(device)
         fold_dirs = resolve_fold_dirs(path, folds, checkpoint)
+        if external_arch(fold_dirs[0]):
+            return load_external_folds(fold_dirs, checkpoint, dev, batch_size)
         return cls([load_fold(d, checkpoint, dev) for d in fold_dirs], device=dev, tta=tta,
                    batch_size=batch_size, amp=amp)
 
@@ -366,12 +399,17 @@ def _save_case(out: Path, stem: str, image: np.ndarray, labels: np.ndarray, prob
     return written
 
 
-def predict_folder(model_dir: str | Path | Predictor, input_dir: str | Path, output_dir: str | Path, *,
-                   folds: Sequence[int | str] | None = None, checkpoint: str = "best", device: str = "auto",
+def predict_folder(model_dir: str | Path | Predictor | NnunetPredictor, input_dir: str | Path, output_dir: str | Path,
+                   *, folds: Sequence[int | str] | None = None, checkpoint: str = "best", device: str = "auto",
                    tta: bool = False, save_probabilities: bool = False, overlay: bool = False,
-                   batch_size: int | None = None, progress: bool | None = None) -> list[Path]:
+                   batch_size: int | None = None, postprocessing: bool = True,
+                   progress: bool | None = None) -> list[Path]:
     """Predict every image of ``input_dir`` into ``output_dir``: ``CASE.png`` (class indices at the
     image's size), optionally ``CASE_overlay.png`` and ``CASE.npz`` (``probabilities``, (K, H, W)).
+
+    With ``postprocessing`` (and a model folder, not a predictor object), the largest-component
+    rule the folds chose (``ARCH/postprocessing.json``, nnU-Net's post-processing) is applied to
+    the label maps (and overlays); the probabilities stay raw.
 
     Files are written to a hidden staging folder inside ``output_dir`` and moved in only when
     every image succeeded, so an error leaves ``output_dir`` as it was. Returns the label maps.
@@ -381,8 +419,13 @@ def predict_folder(model_dir: str | Path | Predictor, input_dir: str | Path, out
     if output_dir.resolve() == Path(input_dir).resolve():
         raise MedplanError("the output folder is the input folder; label maps would overwrite the images",
                            output_dir)
-    predictor = model_dir if isinstance(model_dir, Predictor) else Predictor.from_folder(
+    given = isinstance(model_dir, (Predictor, NnunetPredictor))
+    predictor = model_dir if given else Predictor.from_folder(
         model_dir, folds=folds, checkpoint=checkpoint, device=device, tta=tta, batch_size=batch_size)
+    decision = None
+    if postprocessing and not given:
+        root = Path(model_dir) if is_model_dir(model_dir) else Path(model_dir).parent  # a fold folder's model
+        decision = read_postprocessing(root, predictor.num_classes)
     output_dir.mkdir(parents=True, exist_ok=True)
     staging = output_dir / f".medplan_predict.{uuid.uuid4().hex[:8]}.tmp"
     staging.mkdir()
@@ -401,6 +444,8 @@ def predict_folder(model_dir: str | Path | Predictor, input_dir: str | Path, out
                 results = predictor._predict_loaded(images, save_probabilities)
                 for path, image, res in zip(chunks[i], images, results):
                     labels, probs = res if save_probabilities else (res, None)
+                    if decision is not None:
+                        labels = apply_postprocessing(labels, decision)
                     written += _save_case(staging, case_stem(path), image, labels, probs, overlay)
         finals = []
         for p in written:

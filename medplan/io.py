@@ -90,7 +90,7 @@ def _pil_array(img: Image.Image) -> np.ndarray:
     return np.asarray(img)
 
 
-def _plain_png(img: Image.Image) -> bool:
+def plain_png(img: Image.Image) -> bool:
     """From the header of an opened, not yet loaded image: an 8-bit gray or RGB PNG (no alpha,
     palette, transparency chunk, lower or higher bit depth, animation), i.e. a file whose bytes
     are already a valid raw-format image of exactly the array :func:`read_image` returns."""
@@ -98,6 +98,23 @@ def _plain_png(img: Image.Image) -> bool:
         return False
     rawmode = img.tile[0][3]  # "L" / "RGB" for 8 bits; "L;4", "RGB;16B", ... otherwise
     return rawmode == img.mode and "transparency" not in img.info and not getattr(img, "is_animated", False)
+
+
+def decode_image(data: bytes, path: str | Path) -> Image.Image | np.ndarray:
+    """The image in ``data`` (the bytes of ``path``, already read), as :func:`read_image` reads it,
+    but as a loaded PIL image when it is 8-bit gray or RGB: the fingerprint pass computes its
+    histograms, hashes and resized arrays on that image without copying the pixels to numpy and
+    back. Any other image comes as :func:`read_image`'s array; ITK files are read from ``path``.
+    """
+    path = Path(path)
+    if image_suffix(path) in ITK_SUFFIXES:
+        return read_image(path)
+    try:
+        img = Image.open(io.BytesIO(data))  # in memory: no file handle to close
+        img.load()
+        return img if img.mode in ("L", "RGB") else _pil_array(img)
+    except Exception as exc:  # PIL raises many types for corrupt files
+        raise _unreadable(exc, path) from None
 
 
 def read_image_keeping_png(path: str | Path) -> tuple[np.ndarray, bytes | None]:
@@ -115,7 +132,7 @@ def read_image_keeping_png(path: str | Path) -> tuple[np.ndarray, bytes | None]:
         return read_image(path), None  # names the file and the reason, as for every unreadable file
     try:
         with Image.open(io.BytesIO(data)) as img:
-            keep = _plain_png(img)
+            keep = plain_png(img)
             array = _pil_array(img)
     except Exception as exc:  # PIL raises many types for corrupt files
         raise _unreadable(exc, path) from None
@@ -369,13 +386,13 @@ def atomic_open(path: str | Path, fsync: bool = True) -> Iterator[BinaryIO]:
                 tmp.unlink()
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    with atomic_open(path) as f:
+def atomic_write_bytes(path: str | Path, data: bytes, fsync: bool = True) -> None:
+    with atomic_open(path, fsync=fsync) as f:
         f.write(data)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode("utf-8"))
+def atomic_write_text(path: str | Path, text: str, fsync: bool = True) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), fsync=fsync)
 
 
 def _json_default(obj: Any) -> Any:
@@ -388,8 +405,10 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+def atomic_write_json(path: str | Path, obj: Any, fsync: bool = True) -> None:
+    """``fsync=False`` for small per-item files whose loss in a crash only means redoing the
+    item (a preprocessed case's marker: its arrays are not synced either)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n", fsync=fsync)
 
 
 def read_json(path: str | Path) -> Any:

@@ -23,13 +23,16 @@ def resolve_workers(num_workers: int | None, n_tasks: int) -> int:
 
 
 def run_tasks(fn: Callable[[Any], Any], tasks: list, *, num_workers: int | None, desc: str, progress: bool,
-              chunksize: int | None = None) -> Iterator[Any]:
-    """Map ``fn`` over ``tasks`` in worker processes (in-process for 0/1 worker), in order."""
+              chunksize: int | None = None, start_method: str | None = None) -> Iterator[Any]:
+    """Map ``fn`` over ``tasks`` in worker processes (in-process for 0/1 worker), in order.
+
+    ``start_method="forkserver"`` where the caller may run in a process whose thread pools
+    (torch's, OpenMP's) have started: a plain fork copies their locks held and can hang."""
     workers = resolve_workers(num_workers, len(tasks))
     if workers <= 1:
         yield from progress_bar(map(fn, tasks), total=len(tasks), desc=desc, enabled=progress)
         return
     chunk = chunksize or max(1, min(16, len(tasks) // (workers * 8)))
-    with multiprocessing.get_context().Pool(workers) as pool:
+    with multiprocessing.get_context(start_method).Pool(workers) as pool:
         yield from progress_bar(pool.imap(fn, tasks, chunksize=chunk), total=len(tasks), desc=desc,
                                 enabled=progress)

@@ -141,28 +141,31 @@ def _case_paths(ddir: Path, case_id: str) -> tuple[Path, Path, Path]:
     return ddir / f"{case_id}.npy", ddir / f"{case_id}_seg.npy", ddir / f"{case_id}.json"
 
 
-def write_case(data_dir: str | Path, case_id: str, image: np.ndarray, label: np.ndarray,
+def write_case(data_dir: str | Path, case_id: str, image: np.ndarray | Image.Image, label: np.ndarray,
                input_size: Sequence[int], channels: int) -> None:
     """Resize and write one case; ``CASE.json`` goes last and marks the case complete.
 
     An existing ``CASE.json`` is removed first, so a kill while rewriting leaves the case
-    marked incomplete rather than pairing a new image with an old label.
+    marked incomplete rather than pairing a new image with an old label. ``image`` may be the
+    8-bit PIL image the fingerprint pass decoded (no copy to numpy and back).
     """
     ddir = Path(data_dir)
     ddir.mkdir(parents=True, exist_ok=True)
-    if image.shape[:2] != label.shape[:2]:
-        raise MedplanError(f"case {case_id}: label size {list(label.shape[:2])} != image size {list(image.shape[:2])}")
+    size = (image.size[1], image.size[0]) if isinstance(image, Image.Image) else tuple(image.shape[:2])
+    if size != label.shape[:2]:
+        raise MedplanError(f"case {case_id}: label size {list(label.shape[:2])} != image size {list(size)}")
     img_path, seg_path, json_path = _case_paths(ddir, case_id)
     if json_path.exists():
         json_path.unlink()
     atomic_save_npy(img_path, prepare_image(image, input_size, channels))
     atomic_save_npy(seg_path, prepare_label(label, input_size))
+    # not synced, like the arrays: after a crash a lost marker only means the case is redone
     atomic_write_json(json_path, {
         "case_id": case_id,
-        "original_size": [int(image.shape[0]), int(image.shape[1])],
+        "original_size": [int(size[0]), int(size[1])],
         "channels": int(channels),
         "plan_key": plan_key(input_size, channels),
-    })
+    }, fsync=False)
 
 
 def load_case(data_dir: str | Path, case_id: str, mmap: bool = True) -> tuple[np.ndarray, np.ndarray, dict]:
@@ -244,7 +247,7 @@ class CaseArrays:
     def prepare(self) -> None:
         self.data_dir.mkdir(parents=True, exist_ok=True)
 
-    def write(self, case_id: str, image: np.ndarray, label: np.ndarray, channels: int) -> None:
+    def write(self, case_id: str, image: np.ndarray | Image.Image, label: np.ndarray, channels: int) -> None:
         write_case(self.data_dir, case_id, image, label, self.input_size, channels)
 
     def keep_only(self, case_ids: Iterable[str]) -> None:

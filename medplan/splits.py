@@ -1,8 +1,12 @@
 """Cross-validation splits: uniformly sized folds, patient-aware where patients are known.
 
-Uses scikit-learn's fold makers. ``GroupKFold`` balances fold sizes greedily (largest group
-first into the smallest fold) but is deterministic in the group labels, so the groups are
-relabelled by a seeded permutation first: the seed then decides which patients share a fold.
+The fold makers are scikit-learn's ``KFold(shuffle=True, random_state=seed)`` and
+``GroupKFold()``, re-stated here in a few lines of numpy (tests/test_splits.py checks they give
+the same folds as scikit-learn): importing scikit-learn cost ~1 CPU-s of every medplan_plan, and
+a written-down rule keeps a seed's folds the same whatever scikit-learn version is installed.
+``GroupKFold`` balances fold sizes greedily (largest group first into the lightest fold) but is
+deterministic in the group labels, so the groups are relabelled by a seeded permutation first:
+the seed then decides which patients share a fold.
 """
 from __future__ import annotations
 
@@ -18,11 +22,35 @@ from medplan.names import RULE, is_valid_name
 FOLD_KEYS = ("train", "val")
 
 
+def kfold_val(n: int, n_folds: int, seed: int) -> list[np.ndarray]:
+    """Validation indices of scikit-learn's ``KFold(n_folds, shuffle=True, random_state=seed)``."""
+    indices = np.arange(n)
+    np.random.RandomState(seed).shuffle(indices)
+    sizes = np.full(n_folds, n // n_folds, dtype=int)
+    sizes[: n % n_folds] += 1
+    bounds = np.concatenate([[0], np.cumsum(sizes)])
+    return [indices[bounds[k]:bounds[k + 1]] for k in range(n_folds)]
+
+
+def group_kfold_val(codes: np.ndarray, n_folds: int) -> list[np.ndarray]:
+    """Validation indices of scikit-learn's ``GroupKFold(n_folds)`` (no shuffle): the largest
+    group first, each into the fold holding the fewest cases so far."""
+    _, group_idx = np.unique(codes, return_inverse=True)
+    per_group = np.bincount(group_idx)
+    order = np.argsort(per_group, kind="stable")[::-1]
+    per_fold = np.zeros(n_folds)
+    group_to_fold = np.zeros(len(per_group), dtype=int)
+    for g in order:
+        lightest = int(np.argmin(per_fold))
+        per_fold[lightest] += per_group[g]
+        group_to_fold[g] = lightest
+    fold_of = group_to_fold[group_idx]
+    return [np.flatnonzero(fold_of == f) for f in range(n_folds)]
+
+
 def make_splits(case_ids: Sequence[str], groups: Sequence[str] | None, *, n_folds: int = 5,
                 seed: int = 12345) -> list[dict[str, list[str]]]:
     """Folds as ``[{"train": [...], "val": [...]}, ...]``; every case in exactly one val list."""
-    from sklearn.model_selection import GroupKFold, KFold  # imported here: 1.6 s, needed only when splitting
-
     cases = np.asarray(sorted(case_ids))
     if len(set(cases.tolist())) != len(cases):
         raise MedplanError("case ids are not unique")
@@ -35,12 +63,17 @@ def make_splits(case_ids: Sequence[str], groups: Sequence[str] | None, *, n_fold
         rng = np.random.default_rng(seed)
         code = dict(zip(unique.tolist(), rng.permutation(len(unique)).tolist()))
         codes = np.asarray([code[g] for g in group_arr])
-        folds = GroupKFold(n_splits=n_folds).split(cases, groups=codes)
+        vals = group_kfold_val(codes, n_folds)
     else:
         if len(cases) < n_folds:
             raise MedplanError(f"{len(cases)} cases cannot fill {n_folds} folds; lower split.n_folds")
-        folds = KFold(n_splits=n_folds, shuffle=True, random_state=seed).split(cases)
-    return [{"train": cases[tr].tolist(), "val": cases[va].tolist()} for tr, va in folds]
+        vals = kfold_val(len(cases), n_folds, seed)
+    folds = []
+    for val in vals:
+        is_val = np.zeros(len(cases), dtype=bool)
+        is_val[val] = True
+        folds.append({"train": cases[~is_val].tolist(), "val": cases[is_val].tolist()})  # sorted, as sklearn's
+    return folds
 
 
 def check_splits(splits: list[dict], case_ids: Sequence[str], groups: dict[str, str] | None = None) -> None:

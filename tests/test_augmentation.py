@@ -210,3 +210,31 @@ def test_quarter_turn_of_a_non_square_image_keeps_its_shape_and_labels():
         centre = out_seg[i, :, 4:16]
         assert torch.equal(centre, torch.rot90(seg[i, :, 4:16], 1, (-2, -1))) or \
             torch.equal(centre, torch.rot90(seg[i, :, 4:16], -1, (-2, -1)))
+
+
+@pytest.mark.parametrize("p", [0.5, 1.0])  # some samples (work in views of out) / every sample (new tensors)
+def test_out_buffer_gives_the_same_batch_and_is_what_comes_back(p):
+    """A loader worker augments straight into its shared slot: same result as a fresh tensor."""
+    aug = make(rotation_deg=30.0, p_rotation=p, hflip=True, rot90=True, brightness=0.2, p_intensity=p,
+               saturation=0.2, hue=0.05, p_color=p, noise_std=0.03, p_noise=p, blur_sigma=[0.5, 1.0], p_blur=p)
+    x = (torch.rand(6, 3, 32, 32, generator=gen(1)) * 255).to(torch.uint8)
+    seg = torch.randint(0, 3, (6, 32, 32), generator=gen(2), dtype=torch.uint8)
+    fresh, fresh_seg = aug(x, seg, gen(5))
+    out = torch.full((6, 3, 32, 32), -1.0)
+    got, got_seg = aug(x, seg, gen(5), out=out)
+    assert got is out and torch.equal(got, fresh) and torch.equal(got_seg, fresh_seg)
+    with pytest.raises(ValueError, match="out must be float32"):
+        aug(x, seg, gen(5), out=torch.empty(6, 3, 32, 32, dtype=torch.float16))
+
+
+def test_backend_medplan_is_the_default_and_the_batch_augmenter_refuses_nnunet():
+    """augmentation.backend: "medplan" (default) is this augmenter, unchanged; a plan asking for
+    nnU-Net's augmentation must not silently get medplan's (medplan.data.loader.make_augmenter picks)."""
+    x, seg = left_heavy(b=8)
+    default = make(hflip=True, rotation_deg=20.0, p_rotation=1.0)
+    explicit = make(hflip=True, rotation_deg=20.0, p_rotation=1.0, backend="medplan")
+    a, a_seg = default(x, seg, gen(4))
+    b, b_seg = explicit(x, seg, gen(4))
+    assert torch.equal(a, b) and torch.equal(a_seg, b_seg) and not torch.equal(a, x)
+    with pytest.raises(MedplanError, match="augmentation.backend=nnunet .*make_augmenter"):
+        make(backend="nnunet")

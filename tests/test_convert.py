@@ -164,7 +164,7 @@ def test_detect_format(tmp_path, camus):
     assert detect_format(synthetic.write_cvc(tmp_path, n=1, size=(32, 32))) == "cvc"
     (tmp_path / "empty").mkdir()
     assert detect_format(tmp_path / "empty") is None
-    assert set(FORMATS) == {"camus", "isic2018", "neopolyp", "kvasir", "cvc", "busi", "folder"}
+    assert set(FORMATS) == {"camus", "isic2018", "neopolyp", "kvasir", "cvc", "busi", "nnunet", "folder"}
 
 
 # ----------------------------------------------------------------------------- bad input

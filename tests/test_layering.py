@@ -48,11 +48,18 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # fingerprint -> plan; folds; reading plans.json / splits.json back
     ("plan", ("medplan.planners", "medplan.plan", "medplan.splits", "medplan.stagefiles")),
     ("preprocessing", ("medplan.preprocessing",)),
+    # nnU-Net interop: reads the plan stage's files (plans, splits, the raw index) to write an
+    # nnU-Net dataset, and applies nnU-Net's post-processing rule; below the trainers (a later
+    # nnunetv2 trainer exports through it) and inference (medplan_predict applies the rule)
+    ("interop", ("medplan.interop",)),
     ("data", ("medplan.data",)),
     ("architectures", ("medplan.architectures",)),
     ("trainers", ("medplan.trainers",)),
     ("inference", ("medplan.inference",)),
     ("evaluation", ("medplan.evaluation",)),
+    # the web report (issue 14): reads the results tree through evaluation; the CLI and the
+    # study's end call it, so it sits below the drivers
+    ("report", ("medplan.report",)),
     # the drivers: plan+preprocess as library calls (pipeline), the demo, Grad-CAM, the study.
     # pipeline orchestrates plan and preprocess, so it sits above preprocessing; it sits here so
     # that no stage (trainers, inference, evaluation) can reach up into it: they read the plan

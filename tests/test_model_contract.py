@@ -21,7 +21,7 @@ from medplan.plan import make_plan
 from medplan.trainers import TrainSettings, get_trainer
 from model_fixtures import full_size
 
-MODELS = list_models()
+MODELS = list_models(external=False)  # nnunetv2: nnU-Net builds its network, not medplan
 WITH_WEIGHTS = [n for n in MODELS if model_card(n).weights is not None and not model_card(n).weights.by_builder]
 WITH_PAPER_SIZE = [n for n in MODELS if model_card(n).paper_params_m is not None and model_card(n).count_on_meta]
 

@@ -139,7 +139,7 @@ ON = {
 
 def test_the_augmentation_table_is_the_one_list_of_keys():
     keys = [f.name for f in Augmentation.table()]
-    assert list(ON) == keys == list(AUGMENTATION_OFF) == list(Augmentation.off_json())
+    assert ["backend", *ON] == keys == list(AUGMENTATION_OFF) == list(Augmentation.off_json())
     assert set(SPEC["augmentation"].spec) == set(keys)  # validation
     aug, _ = choose_augmentation("ultrasound", rgb=True)
     assert list(aug) == keys  # the planner starts from the table's off values

@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 
 from medplan.evaluation.aggregate import evaluate_model, gather_all_folds, model_summary
-from medplan.evaluation.report import markdown, ranking, write_reports
+from medplan.evaluation.report import latex, markdown, ranking, write_reports
 from medplan.io import atomic_write_json, atomic_write_png
 from medplan.plan import make_plan
 
@@ -77,11 +77,13 @@ def test_reports_are_laid_out_like_table_3(tmp_path):
     assert "| ISIC | segformer | **91.3±0.8** |" in md and "| –" in md  # binary: no class-wise columns
     assert "ISIC / unet: 2/3 folds; missing: 2" in md
     assert "CAMUS: C_1 - LV; C_2 - LV wall; C_3 - LA" in md
-    assert md.index("| 1 | segformer | 91.4 |") < md.index("| 2 | unet | 88.8 |")  # average-mDSC ranking
+    # average-mDSC ranking: unet lacks a fold of ISIC, so it is listed after, unranked (issue 14 item 3)
+    assert md.index("| 1 | segformer | 91.4 |") < md.index("| – | unet | 88.8 (not ranked: 2/2 datasets; ISIC 2/3 folds) |")
     tex = (tmp_path / "summary.tex").read_text()
     assert "\\toprule" in tex and "\\bottomrule" in tex and "\\textbf{91.5$\\pm$0.1}" in tex
     rank = pd.read_csv(tmp_path / "ranking.csv")
-    assert rank["arch"].tolist() == ["segformer", "unet"]
+    assert rank["arch"].tolist() == ["segformer", "unet"] and rank["complete"].tolist() == [True, False]
+    assert rank["rank"].iloc[0] == 1 and pd.isna(rank["rank"].iloc[1]) and rank["partial"].iloc[1] == "ISIC 2/3 folds"
 
 
 def test_ranking_puts_incomplete_architectures_last():
@@ -129,3 +131,60 @@ def test_recomputed_from_label_maps_when_summary_is_absent(tmp_path, monkeypatch
     monkeypatch.setenv("MEDPLAN_RESULTS", str(tmp_path / "nothing"))
     (tmp_path / "nothing").mkdir()
     assert main(["--all-folds"]) == 2
+
+
+def _rows(arch: str, values: list[float | None], n_folds: int = 5, dataset: str = "D") -> list[dict]:
+    """Fold rows of one model; None = a missing fold."""
+    out = []
+    for k, v in enumerate(values):
+        ok = v is not None
+        out.append({"dataset": dataset, "arch": arch, "fold": k, "status": "ok" if ok else "missing",
+                    "n_folds": n_folds, "class_names": "a|b", "mDSC": v, "mIoU": v, "mRec": v, "mPrec": v,
+                    "dice_C1": v, "dice_C2": (None if (ok and k == 1 and arch == "full") else v)})
+    return out
+
+
+def test_a_partial_model_is_never_bold_ranked_or_complete():
+    """Issue 14 item 3: a 1-of-5-fold model with the highest numbers is shown, not crowned."""
+    df = pd.DataFrame(_rows("full", [0.80, 0.81, 0.79, 0.80, 0.82]) + _rows("one_fold", [0.95, None, None, None, None]))
+    md = markdown(df)
+    assert "| full | **80.4±1.1** |" in md and "**95.0" not in md
+    assert "| one_fold | 95.0 |" in md and "partial: 1/5 folds; missing: 1, 2, 3, 4" in md
+    assert "**80.2±1.3** †4/5" in md  # full's C_2 is absent from fold 1: averaged over 4 of its 5 folds
+    rank = ranking(model_summary(df))
+    assert rank["arch"].tolist() == ["full", "one_fold"] and rank["complete"].tolist() == [True, False]
+    assert rank["rank"].iloc[0] == 1 and pd.isna(rank["rank"].iloc[1]) and rank["partial"].iloc[1] == "D 1/5 folds"
+    tex = latex(df)
+    assert "\\textbf{95.0" not in tex and "\\textbf{80.4$\\pm$1.1}" in tex
+    assert "one\\_fold$^{*}$" in tex and "$^\\dagger$" in tex
+
+
+def test_summary_tex_is_ready_to_input():
+    df = pd.DataFrame(_rows("net_a", [0.8] * 5) + _rows("b&c", [0.7] * 5))
+    tex = latex(df)
+    body = [line for line in tex.splitlines() if not line.startswith("%")]
+    assert tex.startswith("%") and "\\documentclass" not in tex and "\\begin{document}" not in tex
+    assert body[0] == "\\begin{table}[t]" and body[-1] == "\\end{table}"
+    assert tex.count("{") == tex.count("}")
+    assert "net\\_a" in tex and "b\\&c" in tex and "\\usepackage{booktabs}" in tex
+    assert all(ord(ch) < 128 for ch in "\n".join(body))  # plain ASCII: pdflatex takes it as it is
+
+
+def test_bars_start_at_zero_and_partial_models_are_hatched():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from medplan.evaluation.report import grouped_bars
+
+    fig, ax = plt.subplots()
+    try:
+        grouped_bars(ax, ["D"], {"full": ([0.88], [0.01]), "one_fold": ([0.9], [float("nan")])},
+                     {"full": [""], "one_fold": ["1/5 folds"]})
+        assert ax.get_ylim() == (0, 100)
+        hatches = [p.get_hatch() for p in ax.patches]
+        assert hatches == [None, "///"] and [t.get_text() for t in ax.texts] == ["1/5 folds"]
+        assert ax.get_legend_handles_labels()[1] == ["full", "one_fold (partial)"]
+    finally:
+        plt.close(fig)

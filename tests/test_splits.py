@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from medplan.errors import MedplanError
-from medplan.splits import check_splits, make_splits
+from medplan.splits import check_splits, group_kfold_val, make_splits
 
 
 def camus_like(n_patients=23, dropped=("p3_b",)):
@@ -64,3 +64,18 @@ def test_check_splits_catches_violations():
 def test_too_few_groups_is_an_error():
     with pytest.raises(MedplanError, match="groups cannot fill"):
         make_splits(["a", "b", "c"], ["g", "g", "h"], n_folds=5)
+
+
+@pytest.mark.parametrize("n,k,seed", [(5, 5, 0), (17, 5, 12345), (96, 3, 7), (250, 10, 1)])
+def test_fold_makers_equal_scikit_learn(n, k, seed):
+    model_selection = pytest.importorskip("sklearn.model_selection")
+    ids = [f"case{i:04d}" for i in range(n)]
+    ours = make_splits(ids, None, n_folds=k, seed=seed)
+    theirs = model_selection.KFold(n_splits=k, shuffle=True, random_state=seed).split(ids)
+    assert [(f["train"], f["val"]) for f in ours] == [([ids[i] for i in tr], [ids[i] for i in va])
+                                                      for tr, va in theirs]
+    rng = np.random.default_rng(seed)
+    codes = rng.integers(0, max(k, n // 3), size=n)
+    codes[:k] = np.arange(k)  # at least k groups
+    theirs = [va.tolist() for _, va in model_selection.GroupKFold(n_splits=k).split(ids, groups=codes)]
+    assert [v.tolist() for v in group_kfold_val(codes, k)] == theirs

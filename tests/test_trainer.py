@@ -55,7 +55,10 @@ def test_training_lowers_loss_and_beats_the_trivial_predictor(trained):
 def test_results_folder_is_complete(trained):
     root, out = trained
     assert out == root / "results" / "TOY" / "unet" / "fold_0"
-    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES + ["validation"])
+    from medplan.trainers.tensorboard import TENSORBOARD_DIR, summary_writer_class
+
+    watched = [TENSORBOARD_DIR] if summary_writer_class() is not None else []  # event files with medplan[tb]
+    assert sorted(p.name for p in out.iterdir()) == sorted(RUN_FILES + ["validation"] + watched)
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
     assert {"epoch", "train_loss", "val_loss", "val_mIoU", "val_mDSC", "lr", "epoch_time", "timestamp"} <= set(record)
     assert (out / "progress.png").read_bytes()[:4] == b"\x89PNG"
@@ -261,3 +264,52 @@ def test_losses_follow_the_plan():
         ce(logits[:, :2], seg)
     with pytest.raises(MedplanError, match="'loss' must be one of bce, ce"):  # refused with the plan
         make_plan(loss="dice")
+
+
+# ----------------------------------------------------------------------------- progress output
+def test_progress_png_names_the_run_and_counts_whole_epochs(trained):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from medplan.trainers.progress import progress_figure, progress_title, read_metrics
+
+    _, out = trained
+    history = read_metrics(out / "metrics.jsonl")
+    title = progress_title("TOY", "unet", 0)
+    assert title == "TOY / unet / fold 0"
+    assert progress_title("TOY", "unet", 0, lr=1e-3) == "TOY / unet / fold 0 (LR search, lr 0.001)"
+    for records in (history, history[:2], history[:1]):  # few epochs: matplotlib would pick 1.25, 1.5, ...
+        fig = progress_figure(records, title)
+        FigureCanvasAgg(fig).draw()
+        assert fig._suptitle.get_text() == title
+        for ax in fig.axes:
+            ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            assert ticks and all(float(t).is_integer() for t in ticks)
+
+
+def test_the_run_log_shows_the_whole_runs_eta(trained):
+    _, out = trained
+    lines = [ln for ln in (out / "training.log").read_text().splitlines() if " epoch " in ln and "train_loss" in ln]
+    assert len(lines) == 12
+    assert "| run left" in lines[0] and "11 epochs x" in lines[0]
+    assert "run left" not in lines[-1]  # the budget is spent
+
+
+def test_run_eta_counts_remaining_epochs_at_the_measured_epoch_time():
+    from medplan.trainers.progress import format_duration, format_eta, run_eta
+
+    eta = run_eta([30.0, 10.0, 12.0], epochs_done=3, total_epochs=10)
+    assert (eta.epochs_left, eta.epoch_seconds, eta.seconds_left) == (7, 12.0, 84.0)  # median of the epoch times
+    assert eta.earliest_stop_epoch is None and format_eta(eta) == "run left ~1m24s (7 epochs x 12s)"
+    # the median of the latest five epochs: an early slow epoch (warm-up, compilation) stops counting
+    eta = run_eta([500.0, 60.0, 60.0, 60.0, 60.0, 60.0], epochs_done=6, total_epochs=100)
+    assert eta.seconds_left == 94 * 60.0 and format_eta(eta) == "run left ~1h34m (94 epochs x 1m00s)"
+    # early stopping can end it after patience_left more epochs without improvement
+    eta = run_eta([100.0] * 4, epochs_done=4, total_epochs=150, patience_left=30)
+    assert (eta.seconds_left, eta.earliest_stop_epoch, eta.seconds_to_earliest_stop) == (14600.0, 34, 3000.0)
+    assert format_eta(eta) == ("run left <= 4h03m (146 epochs x 1m40s; 50m00s if early stopping ends it at "
+                               "epoch 34)")
+    # patience beyond the budget does not shorten it
+    assert run_eta([100.0] * 4, epochs_done=4, total_epochs=10, patience_left=30).earliest_stop_epoch is None
+    assert run_eta([], epochs_done=0, total_epochs=10) is None and run_eta([5.0], 10, 10) is None
+    assert format_eta(None) == ""
+    assert [format_duration(s) for s in (0, 59.4, 61, 3600, 90061)] == ["0s", "59s", "1m01s", "1h00m", "1d01h"]

@@ -24,6 +24,7 @@ A builder's second argument is the number of **output channels** (the plan's
 """
 from __future__ import annotations
 
+import functools
 import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -169,7 +170,9 @@ def _each(out: Any, fn: Callable[[torch.Tensor], torch.Tensor]) -> Any:
 
 
 def _contract_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-    return self.input_contract(type(self).forward.__get__(self), x, *args, **kwargs)
+    # a partial, not ``type(self).forward.__get__(self)``: torch.compile resuming after a graph
+    # break inside the class's forward rebuilt that bound method as this one (endless recursion)
+    return self.input_contract(functools.partial(type(self).forward, self), x, *args, **kwargs)
 
 
 def apply_input_contract(model: nn.Module, contract: InputContract, options: Mapping[str, Any]) -> nn.Module:
@@ -266,6 +269,9 @@ class ModelCard:
     test_options: Mapping[str, Any] = field(default_factory=dict)
     test_sizes: tuple[tuple[int, int], ...] = ((64, 64), (45, 67))
     count_on_meta: bool = True
+    #: who trains and runs the architecture when medplan does not (``"nnU-Net v2"``): medplan
+    #: builds no network for it (no builder call, no size, no contract tests); its trainer runs it
+    external: str = ""
 
     @property
     def pretrained(self) -> bool:

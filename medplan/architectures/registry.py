@@ -78,6 +78,11 @@ class ModelEntry:
         return self.card.weights is not None
 
     @property
+    def external(self) -> str:
+        """Who trains and runs the architecture when medplan does not (``""``: medplan builds it)."""
+        return self.card.external
+
+    @property
     def source(self) -> str:
         return MODELS.entry(self.name).source if self.name in MODELS else BUILTIN
 
@@ -173,9 +178,11 @@ def load_plugins(reload: bool = False) -> list[str]:
     return MODELS.load_plugins(reload)
 
 
-def list_models(pattern: str | None = None) -> list[str]:
-    """Sorted names of the registered architectures, optionally filtered by a glob pattern."""
-    return MODELS.names(pattern)
+def list_models(pattern: str | None = None, *, external: bool = True) -> list[str]:
+    """Sorted names of the registered architectures, optionally filtered by a glob pattern;
+    ``external=False`` leaves out those medplan builds no network for (``nnunetv2``)."""
+    names = MODELS.names(pattern)
+    return names if external else [n for n in names if not MODELS[n].external]
 
 
 def is_model(name: str) -> bool:
@@ -207,6 +214,7 @@ def model_info(name: str) -> dict[str, Any]:
         "options": {k: v for k, v in entry.options().items() if k != "**"},
         "weights": [] if card.weights is None else card.weights.filenames(entry.resolved_options({})),
         "internal_size": card.input.internal_size_for(entry.resolved_options({})),
+        "external": card.external or None,
         **entry.extra,
     }
 
@@ -253,6 +261,9 @@ def build_model(name: str, in_channels: int, num_outputs: int | None = None, **o
         num_outputs = options.pop("num_classes")
     entry = get_entry(name)
     card = entry.card
+    if card.external:
+        raise MedplanError(f"architecture {name!r} is trained and run by {card.external}, outside medplan; "
+                           "medplan builds no network for it")
     _positive_int(in_channels, "in_channels", f"architecture {name!r}")
     _positive_int(num_outputs, "num_outputs (num_classes)", f"architecture {name!r}")
     options = dict(options)
@@ -358,6 +369,10 @@ def describe_models(
             "flops_size": list(size) if flops else None,
             "error": None,
         }
+        if entry.external:  # nothing to build: its own code plans its network per dataset
+            row["description"] += f" [external: {entry.external}; no size before it is planned]"
+            out.append(row)
+            continue
         model = None
         device = "meta"
         for device in ("meta", "cpu"):
@@ -386,3 +401,15 @@ def describe_models(
                 row["error"] = f"FLOP count failed: {type(exc).__name__}: {exc}"
         out.append(row)
     return out
+
+
+# ----------------------------------------------------------------------------- external architectures
+def _nnunetv2(in_channels: int, num_classes: int, *, trainer: str = "nnUNetTrainer", planner: str = "ExperimentPlanner",
+              plans: str = "nnUNetPlans", configuration: str = "2d", dataset_id: int | None = None) -> nn.Module:
+    """nnU-Net v2 itself (Isensee 2021), trained by its own code on medplan's folds (pip install medplan[nnunet])."""
+    raise MedplanError("nnunetv2 is trained and run by nnU-Net v2; medplan builds no network for it")
+
+
+#: the options are what its trainer (medplan.trainers.nnunetv2) passes to nnU-Net's commands
+MODELS.add("nnunetv2", ModelEntry(name="nnunetv2", builder=_nnunetv2, description=_first_doc_line(_nnunetv2),
+                                  card=ModelCard(external="nnU-Net v2"), extra={"family": "external"}))

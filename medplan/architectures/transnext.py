@@ -298,9 +298,12 @@ class TransNeXt(nn.Module):
         """Name fragments the reference exempts from weight decay."""
         return {"query_embedding", "relative_pos_bias_local", "cpb", "temperature"}
 
+    @torch.compiler.assume_constant_result
     def stage_geometry(self, stage: int, height: int, width: int, device: torch.device) -> tuple:
         """(relative_pos_index, relative_coords_table, seq_length_scale, padding_mask) of a stage's
-        feature size; computed once per size and device (all without gradient)."""
+        feature size; computed once per size and device (all without gradient). A function of
+        the sizes only: torch.compile runs it once and keeps the tables as constants, instead of
+        breaking the graph at the data-dependent ``torch.unique`` inside (22 breaks before)."""
         key = (stage, height, width, str(device))
         cached = self._geometry_cache.get(key)
         if cached is not None:

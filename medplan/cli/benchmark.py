@@ -11,30 +11,22 @@ rerunning finishes the study without redoing finished work.
 A fold trained with other settings than the study's (plan, LR, epochs, batch size or model
 options in its config.json) is stale: --status and --dry-run list it, it never counts as
 complete, and a run refuses until --rerun-stale (retrain it, replacing its results) is given.
+
+The study (and torch) is imported once the arguments are checked, so --help answers at once.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
 from medplan.cli import entry_point
 from medplan.cli.train import parse_model_options
 from medplan.errors import MedplanError
 from medplan.names import check_names
-from medplan.study import (
-    JOBS_DIR,
-    SlurmOptions,
-    Study,
-    check_study,
-    dry_run,
-    format_dry_run,
-    format_status,
-    load_study,
-    make_backend,
-    run_study,
-    status_rows,
-    study_path,
-)
+
+if TYPE_CHECKING:  # annotations only: the study is imported after the arguments are checked
+    from medplan.study import Study
 
 
 def _model_options(items: list[str] | None, archs: list[str]) -> dict[str, dict]:
@@ -70,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"))
     g.add_argument("--num-workers", type=int)
     g.add_argument("--no-amp", action="store_true")
+    g.add_argument("--compile", action="store_true",
+                   help="torch.compile the training forward of every job (kept in study.json)")
     g.add_argument("--model-opt", action="append", metavar="[ARCH:]KEY=VALUE", help="model builder option")
     g.add_argument("--measure-steps", type=int, help="timed steps per architecture for the efficiency table")
     e = p.add_argument_group("execution")
@@ -87,8 +81,32 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_study(args: argparse.Namespace) -> Study:
+def check_arguments(args: argparse.Namespace) -> None:
+    """Names and numbers, before the study (and torch) is imported."""
+    if bool(args.datasets) != bool(args.archs):
+        raise MedplanError("give both --datasets and --archs for a new study, or neither to use the saved one")
+    check_names(args.datasets or [], "dataset name")
+    check_names(args.archs or [], "architecture name")
+    for flag in ("epochs_lr_search", "epochs", "measure_steps", "batch_size"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise MedplanError(f"--{flag.replace('_', '-')} must be >= 1, got {value}")
+    if args.folds and min(args.folds) < 0:
+        raise MedplanError(f"--folds must be >= 0, got {min(args.folds)}")
+    for item in args.model_opt or []:
+        head, sep, rest = item.partition(":")
+        if sep and "=" not in head:
+            check_names([head], "architecture name")
+            parse_model_options([rest])
+        else:
+            parse_model_options([item])
+
+
+def make_study(args: argparse.Namespace) -> "Study":
     """A new study from -d/-a (keeping the job records of an existing one), or the saved one."""
+    # the study imports torch and pandas: only after the arguments are checked
+    from medplan.study import SlurmOptions, Study, load_study, study_path
+
     if bool(args.datasets) != bool(args.archs):
         raise MedplanError("give both --datasets and --archs for a new study, or neither to use the saved one")
     if args.datasets:
@@ -110,7 +128,7 @@ def make_study(args: argparse.Namespace) -> Study:
         study.lr_search = False
     study.rerun_stale = bool(args.rerun_stale)  # a choice of this call, never inherited from the saved study
     overrides = {"batch_size": args.batch_size, "device": args.device, "num_workers": args.num_workers,
-                 "amp": False if args.no_amp else None}
+                 "amp": False if args.no_amp else None, "compile": True if args.compile else None}
     study.overrides.update({k: v for k, v in overrides.items() if v is not None})
     for arch, opts in _model_options(args.model_opt, study.archs).items():
         study.model_options.setdefault(arch, {}).update(opts)
@@ -128,6 +146,11 @@ def make_study(args: argparse.Namespace) -> Study:
 @entry_point("medplan_benchmark")
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    check_arguments(args)
+    # the study imports torch and pandas: only after the arguments are checked
+    from medplan.study import (JOBS_DIR, check_study, dry_run, format_dry_run, format_status, load_study, make_backend,
+                               run_study, status_rows, study_path)
+
     if args.status and not args.datasets:
         study = load_study()
         backend = None

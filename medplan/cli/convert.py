@@ -15,9 +15,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Convert an official dataset download into the medplan raw format ($MEDPLAN_RAW/NAME).",
         epilog=f"formats:\n{formats}\n  auto      detect the layout",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("format", help="camus, isic2018, neopolyp, kvasir, cvc, busi, folder or auto")
+    parser.add_argument("format", help="camus, isic2018, neopolyp, kvasir, cvc, busi, nnunet, folder or auto")
     parser.add_argument("source", help="the downloaded (extracted) folder")
-    parser.add_argument("-d", "--dataset", dest="name", help="dataset name (default: per format, e.g. CAMUS)")
+    parser.add_argument("-d", "--dataset", dest="name", help="dataset name (default: per format, e.g. CAMUS; nnunet: Name of DatasetXXX_Name)")
     parser.add_argument("--map", dest="value_map", metavar="VALUE:CLASS,...",
                         help="folder format: mask value -> class (default: 0/255 masks -> 0/1, else class indices)")
     parser.add_argument("--images", help="folder format: images folder (default: images/)")

@@ -5,7 +5,8 @@ import argparse
 import sys
 
 from medplan.cli import entry_point
-from medplan.demo import run_demo
+from medplan.errors import MedplanError
+from medplan.names import check_name
 
 TARGET_MDSC = 0.80
 
@@ -22,6 +23,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
+    check_name(args.arch, "architecture name")
+    for flag in ("patients", "epochs", "input_size"):
+        if getattr(args, flag) < 1:
+            raise MedplanError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
+    # the demo trains (torch): imported only after the arguments are checked
+    from medplan.demo import run_demo
+
     summary = run_demo(args.root, n_patients=args.patients, epochs=args.epochs, arch=args.arch,
                        input_size=args.input_size, device=args.device, progress=not args.no_progress)
     if summary["mDSC"] < TARGET_MDSC:

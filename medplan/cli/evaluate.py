@@ -1,6 +1,8 @@
 """medplan_evaluate: metrics from saved label maps; Table-3 reports over folds; paired comparisons.
 
-  medplan_evaluate --all-folds                           every dataset x architecture -> reports
+  medplan_evaluate --all-folds                           every dataset x architecture -> reports + report/index.html
+  medplan_evaluate --html                                rebuild $MEDPLAN_RESULTS/report/index.html only
+  medplan_evaluate -d CAMUS -a unet --postprocessing     decide nnU-Net's largest-component rule on the folds
   medplan_evaluate -d CAMUS -a unet [--at-input-size]    one model: per fold and mean +- SD
   medplan_evaluate --pred masks/ --gt labels/ --labels 0,1,2,3 [--names background,LV,...]
   medplan_evaluate -d CAMUS --compare unet segformer_b3 [--worst 50]
@@ -12,11 +14,8 @@ import argparse
 
 from medplan.cli import entry_point
 from medplan.errors import MedplanError
-from medplan.evaluation.aggregate import gather_all_folds, write_cv_summaries
-from medplan.evaluation.compare import format_comparison, paired_comparison, worst_cases, write_comparison
-from medplan.evaluation.evaluate import cross_dataset_evaluation, evaluate_folders
-from medplan.evaluation.report import format_folds, format_table, write_reports
 from medplan.io import atomic_write_json
+from medplan.names import check_fold, check_names
 
 
 def _fold(value: str) -> int | str:
@@ -67,6 +66,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recompute", action="store_true",
                         help="recompute from the label maps even where validation/summary.json exists")
     parser.add_argument("--no-plots", action="store_true", help="reports without the PNG plots")
+    parser.add_argument("--html", action="store_true",
+                        help="(re)build the web report $MEDPLAN_RESULTS/report/index.html from every fold and stop")
+    parser.add_argument("--no-html", action="store_true", help="--all-folds without the web report")
+    parser.add_argument("--postprocessing", action="store_true",
+                        help="with -d/-a: decide nnU-Net's largest-component post-processing on the folds "
+                             "(writes postprocessing.json, which medplan_predict applies)")
     pair = parser.add_argument_group("a folder pair")
     pair.add_argument("--pred", help="folder of predicted label maps")
     pair.add_argument("--gt", help="folder of ground-truth label maps")
@@ -91,6 +96,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = parser.parse_args(argv)
     progress = not args.no_progress
+    check_names(args.dataset or [], "dataset name")
+    check_names([*(args.arch or []), *(args.compare or [])], "architecture name")
+    check_names([d for d in (args.model_from, args.on) if d is not None], "dataset name")
+    for fold in args.folds or []:
+        check_fold(fold)
+    if args.worst is not None and args.worst < 1:
+        raise MedplanError(f"--worst must be >= 1, got {args.worst}")
+    if args.n_boot < 1:
+        raise MedplanError(f"--n-boot must be >= 1, got {args.n_boot}")
+    # evaluation imports torch and pandas: only after the arguments are checked
+    from medplan.evaluation.aggregate import gather_all_folds, write_cv_summaries
+    from medplan.evaluation.compare import (format_comparison, paired_comparison, worst_cases,  # likewise
+                                            write_comparison)
+    from medplan.evaluation.evaluate import cross_dataset_evaluation, evaluate_folders  # likewise
+    from medplan.evaluation.report import format_folds, format_table, write_reports  # likewise
+    from medplan.report import build_report  # likewise (matplotlib, jinja2)
+
+    if args.html and not args.all_folds:
+        print(f"wrote {build_report(incremental=not args.recompute)}")
+        return 0
+    if args.postprocessing:
+        dataset, arch = one(args.dataset, "dataset (-d)"), one(args.arch, "architecture (-a)")
+        if not (dataset and arch):
+            raise MedplanError("--postprocessing needs -d DATASET -a ARCH")
+        from medplan.evaluation.postprocessing import decide_postprocessing  # only this option needs it
+        d = decide_postprocessing(dataset, arch, progress=progress)
+        print(f"post-processing: largest component for classes {d['largest_component_classes'] or 'none'}"
+              f"{' (after foreground as one)' if d['foreground_largest_component'] else ''}; "
+              f"mDSC {d['raw']['mDSC']:.4f} -> {d['postprocessed']['mDSC']:.4f} "
+              f"(pooled over folds {', '.join(map(str, d['folds']))})")
+        return 0
 
     if args.pred or args.gt:
         if not (args.pred and args.gt and args.labels):
@@ -145,6 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     written = write_cv_summaries(df, at_input_size=args.at_input_size)
     if not args.dataset and not args.arch:
         written += write_reports(df, suffix="_at_input_size" if args.at_input_size else "", plots=not args.no_plots)
+        if not args.at_input_size and not args.no_html:
+            written.append(build_report(table=df))
     for path in written:
         print(f"wrote {path}")
     return 0

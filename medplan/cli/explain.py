@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 
 from medplan.cli import entry_point
-from medplan.explain import ExplainRequest, explain
+from medplan.errors import MedplanError
+from medplan.names import check_fold, check_name, check_names
 
 
 def _fold(value: str) -> int | str:
@@ -50,6 +51,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("-o", "--output", help="write here instead of the results folder")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    check_name(args.dataset, "dataset name")
+    check_names(_names(args.arch), "architecture name")
+    check_names(_names(args.case), "case id")
+    for fold in args.folds or []:
+        check_fold(fold)
+    if args.worst is not None and args.worst < 1:
+        raise MedplanError(f"--worst must be >= 1, got {args.worst}")
+    # Grad-CAM imports torch: only after the arguments are checked
+    from medplan.explain import ExplainRequest, explain
+
     request = ExplainRequest(dataset=args.dataset, archs=_names(args.arch), folds=args.folds, worst=args.worst,
                              cases=_names(args.case) or None, images=args.images, target=args.target,
                              layer=args.layer, mean_over_folds=args.mean_over_folds, checkpoint=args.checkpoint,

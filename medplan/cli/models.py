@@ -1,12 +1,13 @@
-"""``medplan_models``: the registered architectures, their sizes and (on request) their cost."""
+"""``medplan_models``: the registered architectures, their sizes and (on request) their cost.
+
+The model zoo (and torch) is imported once the arguments are checked, so ``--help`` answers at once.
+"""
 from __future__ import annotations
 
 import argparse
 import json
 from typing import Any
 
-from medplan.architectures import describe_models, list_models
-from medplan.architectures.measure import efficiency_path, measure_models
 from medplan.cli import entry_point
 from medplan.errors import MedplanError
 from medplan.names import check_names
@@ -58,8 +59,14 @@ def main(argv: list[str] | None = None) -> int:
     check_names(args.names, "architecture name")
     if min(args.size) < 1:
         raise MedplanError(f"--size must be positive, got {args.size[0]} {args.size[1]}")
+    for flag in ("in_channels", "num_classes", "steps", "batch_size"):
+        if getattr(args, flag) < 1:
+            raise MedplanError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")
     if args.measure:
         return _measure(args)
+    # the model zoo imports torch: only after the arguments are checked
+    from medplan.architectures import describe_models
+
     rows = describe_models(
         args.names or None,
         size=(args.size[0], args.size[1]),
@@ -87,7 +94,11 @@ def format_measurements(rows: list[dict[str, Any]]) -> str:
 
 
 def _measure(args: argparse.Namespace) -> int:
-    rows = measure_models(args.names or list_models(), size=(args.size[0], args.size[1]),
+    # the model zoo imports torch: only after the arguments are checked
+    from medplan.architectures import list_models
+    from medplan.architectures.measure import efficiency_path, measure_models  # likewise
+
+    rows = measure_models(args.names or list_models(external=False), size=(args.size[0], args.size[1]),
                           in_channels=args.in_channels, num_classes=args.num_classes, batch_size=args.batch_size,
                           steps=args.steps, device=args.device)
     if args.json:

@@ -5,7 +5,7 @@ import argparse
 
 from medplan.cli import entry_point
 from medplan.errors import MedplanError
-from medplan.inference import predict_folder
+from medplan.names import check_fold, check_name
 from medplan.paths import results_dir
 from medplan.rundir import CHECKPOINTS
 
@@ -34,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
                              "when the plan trained with them)")
     parser.add_argument("--save-probabilities", action="store_true", help="also write CASE.npz with class probabilities")
     parser.add_argument("--overlay", action="store_true", help="also write CASE_overlay.png (image with coloured classes)")
+    parser.add_argument("--no-postprocessing", action="store_true",
+                        help="skip the largest-component post-processing the folds chose (postprocessing.json)")
     parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"], help="default: %(default)s")
     parser.add_argument("--batch-size", type=int, help="images per forward pass (default: the plan's batch size)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -44,10 +46,19 @@ def main(argv: list[str] | None = None) -> int:
         raise MedplanError("which model? give -d DATASET -a ARCH, or -m MODEL_DIR")
     if args.batch_size is not None and args.batch_size < 1:
         raise MedplanError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if not args.model_dir:
+        check_name(args.dataset, "dataset name")
+        check_name(args.arch, "architecture name")
+    for fold in args.folds or []:
+        check_fold(fold)
     model_dir = args.model_dir or results_dir(args.dataset, args.arch)
+    # inference imports torch: only after the arguments are checked
+    from medplan.inference import predict_folder
+
     written = predict_folder(model_dir, args.input, args.output, folds=args.folds, checkpoint=args.checkpoint,
                              device=args.device, tta=args.tta, save_probabilities=args.save_probabilities,
                              overlay=args.overlay, batch_size=args.batch_size,
+                             postprocessing=not args.no_postprocessing,
                              progress=not args.no_progress)
     print(f"wrote {len(written)} label map(s) to {args.output}")
     return 0

@@ -4,6 +4,12 @@ Command-line flags override the plan for this run only; the run's exact settings
 config.json in the fold folder. One process trains a fold at a time (``fold_K/.lock``, see
 medplan.locks): a second one is refused at once, ``--force`` included. An interrupted run is
 resumed with ``--continue`` or started over with ``--force``, never deleted otherwise.
+
+Before a run folder is written, a short probe estimates the run's peak memory and time per
+epoch (medplan.trainers.budget) and refuses a run that will not fit (``--skip-memory-check``).
+
+Arguments and names are checked before torch and the library are imported (the library's
+imports are function-local for that reason), so ``--help`` and a typo answer at once.
 """
 from __future__ import annotations
 
@@ -11,14 +17,11 @@ import argparse
 import json
 import os
 import sys
+from typing import Any, Callable
 
-import torch
-
-from medplan.architectures import get_entry, is_model
 from medplan.cli import entry_point
 from medplan.errors import MedplanError
-from medplan.trainers import prepare, train
-from medplan.trainers.distributed import cleanup, relaunch_with_torchrun
+from medplan.names import check_fold, check_name
 
 
 def parse_model_options(items: list[str] | None) -> dict:
@@ -58,13 +61,31 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     weights.add_argument("--no-pretrained", action="store_true", help="train from scratch (random initialisation)")
     parser.add_argument("--allow-partial", action="store_true",
                         help="accept a weights file that covers only part of the encoder (the report lists the rest)")
+    parser.add_argument("--compile", action="store_true", help="wrap the training forward in torch.compile")
+    parser.add_argument("--no-tensorboard", action="store_true", help="no TensorBoard event files")
+    parser.add_argument("--skip-memory-check", action="store_true",
+                        help="start without the probe that estimates peak memory and time and refuses a run "
+                             "that will not fit")
 
 
 def run_overrides(args: argparse.Namespace) -> dict:
     return {"batch_size": args.batch_size, "device": args.device, "amp": False if args.no_amp else None,
             "seed": args.seed, "deterministic": args.deterministic or None, "num_workers": args.num_workers,
             "checkpoint_every": args.checkpoint_every, "progress": False if args.no_progress else None,
-            "force": args.force or None}
+            "force": args.force or None, "compile": True if args.compile else None,
+            "tensorboard": False if args.no_tensorboard else None}
+
+
+def check_run_arguments(args: argparse.Namespace) -> None:
+    """The numbers of the shared flags, checked before anything heavy is imported."""
+    for flag, low in (("batch_size", 1), ("epochs", 1), ("checkpoint_every", 1), ("num_workers", 0),
+                      ("num_gpus", 1)):
+        value = getattr(args, flag, None)
+        if value is not None and value < low:
+            raise MedplanError(f"--{flag.replace('_', '-')} must be >= {low}, got {value}")
+    lr = getattr(args, "lr", None)
+    if lr is not None and not lr > 0:
+        raise MedplanError(f"--lr must be a positive number, got {lr:g}")
 
 
 def weight_options(args: argparse.Namespace, arch: str, model_options: dict) -> dict:
@@ -75,6 +96,9 @@ def weight_options(args: argparse.Namespace, arch: str, model_options: dict) -> 
             else (False if args.no_pretrained else None))  # an absolute path in config.json
     if flag is not None and "pretrained" in options and options["pretrained"] != flag:
         raise MedplanError("--model-opt pretrained=... contradicts --pretrained/--no-pretrained; give one of them")
+    # the model registry imports torch: only after the arguments are checked
+    from medplan.architectures import get_entry, is_model
+
     has_weights = is_model(arch) and get_entry(arch).pretrained  # an unknown name fails later, listing the known
     if flag is not None:
         options["pretrained"] = flag  # unset: medplan.trainers.prepare defaults to the ImageNet weights
@@ -108,6 +132,11 @@ def maybe_relaunch(args: argparse.Namespace, argv: list[str], module: str, check
         raise MedplanError(f"--num-gpus must be >= 1, got {args.num_gpus}")
     if args.num_gpus == 1 or "WORLD_SIZE" in os.environ:
         return None
+    import torch  # noqa: PLC0415 -- torch only once the arguments are checked
+
+    # the distributed helpers import torch: only after the arguments are checked
+    from medplan.trainers.distributed import relaunch_with_torchrun
+
     if args.device != "cpu":
         available = torch.cuda.device_count()
         if available < args.num_gpus:
@@ -134,12 +163,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def launch(args: argparse.Namespace, argv: list[str], module: str, overrides: dict, model_options: dict) -> int | None:
-    """Check the run (one clean error instead of one per process), then relaunch under
-    torchrun for ``--num-gpus N``; returns the exit code if relaunched, None to run here."""
+def check_budget(args: argparse.Namespace, trainer, *, epochs: int | None = None, runs: int = 1,
+                 continue_training: bool = False) -> None:
+    """The memory and time estimate before a run (medplan.trainers.budget), unless
+    ``--skip-memory-check``; under torchrun the launching process has made it already."""
+    if args.skip_memory_check or "WORLD_SIZE" in os.environ:
+        return
+    # the probe imports torch: only after the arguments are checked
+    from medplan.trainers.budget import check_run_budget
+
+    check_run_budget(trainer, processes=args.num_gpus, epochs=epochs, runs=runs,
+                     continue_training=continue_training)
+
+
+def launch(args: argparse.Namespace, argv: list[str], module: str, overrides: dict, model_options: dict,
+           budget: Callable[[Any], None] | None = None) -> int | None:
+    """Check the run (one clean error instead of one per process) and, with ``budget(trainer)``,
+    its memory, then relaunch under torchrun for ``--num-gpus N``; returns the exit code if
+    relaunched, None to run here."""
+    # the trainers import torch: only after the arguments are checked
+    from medplan.trainers import prepare
 
     def check() -> None:
-        prepare(args.dataset, args.arch, args.fold, overrides=overrides, model_options=model_options)
+        trainer = prepare(args.dataset, args.arch, args.fold, overrides=overrides, model_options=model_options)
+        if budget is not None:
+            budget(trainer)
 
     return maybe_relaunch(args, argv, module, check)
 
@@ -148,15 +196,27 @@ def launch(args: argparse.Namespace, argv: list[str], module: str, overrides: di
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    check_name(args.dataset, "dataset name")
+    check_name(args.arch, "architecture name")
+    check_fold(args.fold)
+    check_run_arguments(args)
     overrides = {**run_overrides(args), "lr": args.lr, "epochs": args.epochs, "stage": args.stage}
     model_options = weight_options(args, args.arch, parse_model_options(args.model_opt))
 
-    code = launch(args, argv, "medplan.cli.train", overrides, model_options)
+    def budget(trainer) -> None:
+        check_budget(args, trainer, continue_training=args.continue_training)
+
+    code = launch(args, argv, "medplan.cli.train", overrides, model_options, budget)
     if code is not None:
         return code
+    # the trainers import torch: only after the arguments are checked
+    from medplan.trainers import prepare
+    from medplan.trainers.distributed import cleanup  # likewise
+
     try:
-        train(args.dataset, args.arch, args.fold, continue_training=args.continue_training,
-              overrides=overrides, model_options=model_options)
+        trainer = prepare(args.dataset, args.arch, args.fold, overrides=overrides, model_options=model_options)
+        budget(trainer)
+        trainer.run(args.continue_training)
     finally:
         cleanup()
     return 0

@@ -1,6 +1,7 @@
 """medplan_tune DATASET ARCH: the LR search of the paper (each LR of the grid on fold 0).
 
 Writes ARCH/lr_search.json; medplan_train then uses its best LR unless --lr is given.
+Arguments and names are checked before torch and the library are imported.
 """
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import os
 import sys
 
 from medplan.cli import entry_point
+from medplan.cli.train import (add_run_arguments, check_budget, check_run_arguments, launch, parse_model_options,
+                               run_overrides, weight_options)
+from medplan.errors import MedplanError
 from medplan.names import check_name
-from medplan.cli.train import add_run_arguments, launch, parse_model_options, run_overrides, weight_options
-from medplan.trainers import tune
-from medplan.trainers.distributed import cleanup
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,13 +33,28 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     check_name(args.dataset, "dataset name")
     check_name(args.arch, "architecture name")
+    check_run_arguments(args)
+    if args.fold < 0:
+        raise MedplanError(f"--fold must be >= 0, got {args.fold}")
+    if args.lrs and any(not lr > 0 for lr in args.lrs):
+        raise MedplanError(f"learning rates must be positive, got {args.lrs}")
     overrides = {k: v for k, v in run_overrides(args).items() if k != "force"}
     model_options = weight_options(args, args.arch, parse_model_options(args.model_opt))
 
-    code = launch(args, argv, "medplan.cli.tune", overrides, model_options)
+    def budget(trainer) -> None:  # one estimate for the whole grid: every LR trains the same network
+        check_budget(args, trainer, epochs=args.epochs or trainer.plan.epochs.lr_search,
+                     runs=len(args.lrs or trainer.plan.lr_grid))
+
+    code = launch(args, argv, "medplan.cli.tune", overrides, model_options, budget)
     if code is not None:
         return code
+    # the trainers import torch: only after the arguments are checked
+    from medplan.trainers import prepare, tune
+    from medplan.trainers.distributed import cleanup  # likewise
+
     try:
+        if not args.skip_memory_check:
+            budget(prepare(args.dataset, args.arch, args.fold, overrides=overrides, model_options=model_options))
         result = tune(args.dataset, args.arch, lrs=args.lrs, epochs=args.epochs, fold=args.fold,
                       overrides=overrides, model_options=model_options, force=args.force)
     finally:

@@ -24,7 +24,11 @@ every op touches only the samples drawn for it (on the CPU sample by sample on v
 gather/scatter copies; on a GPU as one batched gather, op and scatter); brightness and
 contrast are fused into one multiply-add, saturation and hue into one matrix; gamma is
 ``exp2(g * log2(x))`` (3x cheaper than ``pow``); the blur is a separable depthwise convolution
-with a kernel of radius ceil(3 sigma) of the largest sigma drawn.
+with a kernel of radius ceil(3 sigma) of the largest sigma drawn; ``out=`` lets a loader worker
+augment in its shared-memory slot (no batch-sized allocation to page in each batch).
+
+This is ``augmentation.backend = "medplan"`` (the default); ``"nnunet"`` swaps in nnU-Net v2's
+pipeline (:mod:`medplan.data.nnunet_aug`), which ignores the keys above.
 """
 from __future__ import annotations
 
@@ -35,6 +39,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from medplan.errors import MedplanError
 from medplan.plan import Augmentation
 
 # RGB <-> YIQ (NTSC). Y is the ITU-R 601 luma, so scaling I and Q by s is exactly torchvision's
@@ -136,19 +141,25 @@ class BatchAugmenter:
         )
 
     # ------------------------------------------------------------------ applying
-    def __call__(self, images: torch.Tensor, segs: torch.Tensor,
-                 generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        if images.ndim != 4 or segs.ndim != 3 or images.shape[0] != segs.shape[0] \
-                or images.shape[-2:] != segs.shape[-2:]:
-            raise ValueError(f"expected images (B, C, H, W) and segs (B, H, W), got {tuple(images.shape)} "
-                             f"and {tuple(segs.shape)}")
+    def __call__(self, images: torch.Tensor, segs: torch.Tensor, generator: torch.Generator | None = None,
+                 out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        check_batch(images, segs)
         params = self.sample(images.shape[0], images.shape[1], generator)
-        return self.apply(images, segs, params, generator)
+        return self.apply(images, segs, params, generator, out)
 
     def apply(self, images: torch.Tensor, segs: torch.Tensor, params: AugmentParams,
-              generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Apply drawn ``params``; ``generator`` is only used for the noise."""
-        x, segs = self._geometry(images, segs, params)  # x: a float32 tensor of our own
+              generator: torch.Generator | None = None,
+              out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Apply drawn ``params``; ``generator`` is only used for the noise.
+
+        ``out``: a float32 tensor shaped like ``images`` to work in and return (a loader
+        worker's shared slot), instead of a fresh batch-sized allocation each call.
+        """
+        if out is not None and (out.shape != images.shape or out.dtype != torch.float32
+                                or out.device != images.device):
+            raise ValueError(f"out must be float32 {tuple(images.shape)} on {images.device}, got "
+                             f"{out.dtype} {tuple(out.shape)} on {out.device}")
+        x, segs = self._geometry(images, segs, params, out)  # x: a float32 tensor of our own (or out)
         dev = x.device
 
         def on(name: str, ix: torch.Tensor, shape: tuple = (-1, 1, 1, 1)) -> torch.Tensor:
@@ -191,10 +202,12 @@ class BatchAugmenter:
                 touched = True
         if touched:
             x.clamp_(0, 255)
+        if out is not None and x is not out:  # an op on every sample made a new tensor
+            x = out.copy_(x)
         return x, segs
 
-    def _geometry(self, images: torch.Tensor, segs: torch.Tensor,
-                  params: AugmentParams) -> tuple[torch.Tensor, torch.Tensor]:
+    def _geometry(self, images: torch.Tensor, segs: torch.Tensor, params: AugmentParams,
+                  out: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Move images and labels; one grid_sample (per kind) for every sample that needs one.
 
         Returns float32 images the caller may modify (never the input tensor) and the labels.
@@ -208,7 +221,7 @@ class BatchAugmenter:
             interp |= params.rot90
         exact = (~interp & (params.hflip | params.vflip | params.rot90)).nonzero().flatten().tolist()
         idx = interp.nonzero().flatten()
-        x = images.to(torch.float32, copy=True)
+        x = images.to(torch.float32, copy=True) if out is None else out.copy_(images)
         if exact:
             segs = segs.clone()
             for i in exact:
@@ -231,8 +244,24 @@ class BatchAugmenter:
         return x, segs
 
 
+def check_batch(images: torch.Tensor, segs: torch.Tensor) -> None:
+    """Every augmenter's input contract: images (B, C, H, W) and labels (B, H, W) of one size."""
+    if images.ndim != 4 or segs.ndim != 3 or images.shape[0] != segs.shape[0] \
+            or images.shape[-2:] != segs.shape[-2:]:
+        raise ValueError(f"expected images (B, C, H, W) and segs (B, H, W), got {tuple(images.shape)} "
+                         f"and {tuple(segs.shape)}")
+
+
 def build_augmentation(augmentation: Augmentation) -> BatchAugmenter:
-    """The :class:`BatchAugmenter` for a plan's augmentation (``plan.augmentation``)."""
+    """The :class:`BatchAugmenter` for a plan's augmentation (``plan.augmentation``).
+
+    Refuses ``backend == "nnunet"``: that plan asks for nnU-Net's augmentation
+    (:func:`medplan.data.loader.make_augmenter` picks by backend), and running medplan's instead
+    would change the experiment without a word.
+    """
+    if augmentation.backend != "medplan":
+        raise MedplanError(f"augmentation.backend={augmentation.backend} is not medplan's BatchAugmenter; "
+                           "build it with medplan.data.loader.make_augmenter(plan)")
     return BatchAugmenter(augmentation)
 
 

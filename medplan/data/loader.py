@@ -2,13 +2,18 @@
 
 :class:`TrainLoader` streams augmented, normalized batches to the training device:
 
-- Background workers are batchgenerators' ``MultiThreadedAugmenter`` processes; each reads
-  memory-mapped uint8 arrays. ``augment_on="device"`` (the default on CUDA): workers only load,
-  and the main process augments the whole batch on the GPU. ``augment_on="workers"`` (the
-  default on CPU): the same :class:`~medplan.data.augmentation.BatchAugmenter` runs inside the
-  workers on CPU tensors (one torch thread each) and they hand over normalized float16
-  batches (half the bytes of float32 through the pipe; the rounding is below 0.07 grey levels),
-  turned into float32 on arrival.
+- Background workers are forked processes (:mod:`medplan.data.shm`); each reads memory-mapped
+  uint8 arrays and writes its batches into shared-memory slots that are reused round-robin; only
+  a few bytes per batch go through a pipe, and the main process copies a slot out (one memcpy)
+  and hands it back. ``augment_on="device"`` (the default on CUDA): workers only load (uint8
+  slots), and the main process augments the whole batch on the GPU. ``augment_on="workers"``
+  (the default on CPU): the same :class:`~medplan.data.augmentation.BatchAugmenter` runs inside
+  the workers on CPU tensors (one torch thread each) and they write normalized float32 images,
+  so the main process yields what ``num_workers=0`` computes in-process.
+- ``plan.augmentation.backend == "nnunet"``: nnU-Net v2's 2D augmentation
+  (:class:`~medplan.data.nnunet_aug.NnunetAugmenter`, batchgeneratorsv2) replaces the
+  BatchAugmenter, per sample on the normalized image, in the workers or in-process. It is CPU
+  only: ``augment_on="auto"`` picks the workers even on CUDA, ``augment_on="device"`` is refused.
 - Everything random is a function of ``(seed, epoch)``: the epoch's case order comes from
   ``(seed, epoch)`` and batch ``k``'s augmentation from a generator seeded by
   ``(seed, epoch, k)``. So the batches do not depend on the number of workers, and a run
@@ -25,16 +30,17 @@ from __future__ import annotations
 
 import logging
 import os
-import traceback
 import weakref
+from functools import partial
 from pathlib import Path
 from typing import Iterator, Literal, Sequence
 
 import numpy as np
 import torch
-from batchgenerators.dataloading.data_loader import SlimDataLoaderBase
 
 from medplan.data.augmentation import BatchAugmenter, build_augmentation
+from medplan.data.nnunet_aug import NnunetAugmenter
+from medplan.data.shm import SlotBuffer, WorkerPool
 from medplan.errors import MedplanError
 from medplan.plan import Plan
 from medplan.preprocessing import load_case, normalize
@@ -43,7 +49,7 @@ log = logging.getLogger(__name__)
 
 _TAG_ORDER = 0x0D0E  # keeps the loader's streams apart from other users of (seed, epoch)
 _TAG_AUG = 0xA06
-_WIRE_DTYPE = torch.float16  # what workers hand over after augmenting and normalizing
+SLOTS_PER_WORKER = 2  # batches each worker has in hand (making one, one ready) while the trainer works
 MAX_DEFAULT_WORKERS = 8
 _MAX_OPEN_CASES = 4096  # memory maps a loader process keeps open (two per case)
 
@@ -69,6 +75,19 @@ def batch_generator(seed: int, epoch: int, index: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state[0]) << 31 | int(state[1]) >> 1)
 
 
+def make_augmenter(plan: Plan) -> BatchAugmenter | NnunetAugmenter:
+    """The augmenter of the plan's ``augmentation.backend``: medplan's, or nnU-Net's (CPU only)."""
+    if plan.augmentation.backend == "nnunet":
+        return NnunetAugmenter(plan.num_classes)
+    return build_augmentation(plan.augmentation)
+
+
+def next_batch(key: tuple[int, int], per_epoch: int) -> tuple[int, int]:
+    """The (epoch, k) after ``key``: workers run ahead across epoch boundaries."""
+    epoch, k = key
+    return (epoch, k + 1) if k + 1 < per_epoch else (epoch + 1, 0)
+
+
 def _check_cases(data_dir: Path, case_ids: Sequence[str], shape: tuple[int, int, int]) -> None:
     """Every case present, at the planned size and channels: an error now, not in a worker later."""
     for case_id in case_ids:
@@ -81,10 +100,14 @@ def _check_cases(data_dir: Path, case_ids: Sequence[str], shape: tuple[int, int,
 
 
 def _load_batch(data_dir: Path, case_ids: Sequence[str], shape: tuple[int, int, int],
-                cache: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Stack cases into fresh uint8 arrays; ``cache`` keeps their memory maps open between batches."""
-    images = np.empty((len(case_ids), *shape), dtype=np.uint8)
-    segs = np.empty((len(case_ids), *shape[1:]), dtype=np.uint8)
+                cache: dict | None = None,
+                out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Stack cases into uint8 arrays (``out``, e.g. a shared slot, or fresh ones); ``cache`` keeps
+    their memory maps open between batches."""
+    if out is None:
+        n = len(case_ids)
+        out = (np.empty((n, *shape), dtype=np.uint8), np.empty((n, *shape[1:]), dtype=np.uint8))
+    images, segs = out
     for i, case_id in enumerate(case_ids):
         arrays = None if cache is None else cache.get(case_id)
         if arrays is None:
@@ -96,31 +119,21 @@ def _load_batch(data_dir: Path, case_ids: Sequence[str], shape: tuple[int, int, 
     return images, segs
 
 
-class _BatchSource(SlimDataLoaderBase):
-    """Makes batch ``k`` of epoch ``e`` on demand; in a worker, the stream t, t+n, t+2n, ...
+class _BatchSource:
+    """Makes batch ``k`` of epoch ``e``, in the main process or, into a shared slot, in a worker."""
 
-    The global batch number g counts from ``start_epoch``: epoch = start_epoch + g // per_epoch,
-    k = g % per_epoch. MultiThreadedAugmenter reads its workers' queues round-robin, so the main
-    process receives g = 0, 1, 2, ... in order. Errors travel as items, raised in the main process.
-    """
-
-    def __init__(self, data_dir: Path, case_ids: list[str], plan: Plan, batch_size: int, seed: int,
-                 per_epoch: int, augment: bool, num_workers: int, start_epoch: int):
-        super().__init__(None, batch_size, max(1, num_workers))
+    def __init__(self, data_dir: Path, case_ids: list[str], plan: Plan, batch_size: int, seed: int, augment: bool):
         self.data_dir = data_dir
         self.case_ids = case_ids
         self.plan = plan
+        self.batch_size = batch_size
         self.seed = seed
-        self.per_epoch = per_epoch
-        self.augmenter: BatchAugmenter | None = build_augmentation(plan.augmentation) if augment else None
+        self.augmenter: BatchAugmenter | NnunetAugmenter | None = make_augmenter(plan) if augment else None
         self.shape = (plan.channels, *plan.input_size)
-        self.start_epoch = start_epoch
-        self._next_g: int | None = None
+        self.image_dtype = torch.uint8 if self.augmenter is None else torch.float32
         self._open: dict = {}  # case id -> memory maps, filled lazily in each process
         self._order: tuple[int, np.ndarray] | None = None  # (epoch, its case order)
-
-    def __getstate__(self) -> dict:  # spawned workers open their own memory maps
-        return {**self.__dict__, "_open": {}, "_order": None}
+        self._affine: tuple[torch.Tensor, torch.Tensor] | None = None  # per-channel (scale, shift)
 
     def batch_cases(self, epoch: int, k: int) -> list[str]:
         if self._order is None or self._order[0] != epoch:
@@ -131,31 +144,52 @@ class _BatchSource(SlimDataLoaderBase):
         order = self._order[1]
         return [self.case_ids[i] for i in order[k * self.batch_size:(k + 1) * self.batch_size]]
 
-    def make(self, epoch: int, k: int) -> dict:
-        """Batch ``k`` of ``epoch``: uint8 arrays, or augmented + normalized float16 ones."""
+    def make(self, epoch: int, k: int,
+             out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Batch ``k`` of ``epoch``: uint8 images (load only) or augmented, normalized float32
+        ones, and uint8 labels; written into ``out`` (a worker's slot, its first rows) if given."""
         cases = self.batch_cases(epoch, k)
-        images, segs = _load_batch(self.data_dir, cases, self.shape, self._open)
-        out = {"epoch": epoch, "index": k, "case_ids": cases}
+        b = len(cases)
         if self.augmenter is None:
-            out.update(image=images, seg=segs)
-            return out
-        x, y = self.augmenter(torch.from_numpy(images), torch.from_numpy(segs), batch_generator(self.seed, epoch, k))
-        out.update(image=normalize(x, self.plan.normalization).to(_WIRE_DTYPE).numpy(), seg=y.numpy())
-        return out
+            if out is None:
+                out = (torch.empty((b, *self.shape), dtype=torch.uint8),
+                       torch.empty((b, *self.shape[1:]), dtype=torch.uint8))
+            image, seg = out[0][:b], out[1][:b]
+            _load_batch(self.data_dir, cases, self.shape, self._open, out=(image.numpy(), seg.numpy()))
+            return image, seg, cases
+        images, segs = _load_batch(self.data_dir, cases, self.shape, self._open)
+        # in a worker the augmenter works in the slot itself: no batch-sized allocation to page in
+        slot = None if out is None else out[0][:b]
+        gen = batch_generator(self.seed, epoch, k)
+        if isinstance(self.augmenter, NnunetAugmenter):  # nnU-Net augments normalized images
+            x = torch.empty((b, *self.shape), dtype=torch.float32) if slot is None else slot
+            self._normalize(torch.from_numpy(images), x)
+            x, y = self.augmenter(x, torch.from_numpy(segs), gen, out=x)
+        else:  # medplan's augments on the 0..255 scale, then normalizes
+            x, y = self.augmenter(torch.from_numpy(images), torch.from_numpy(segs), gen, out=slot)
+            self._normalize(x, x)  # x is ours (fresh, or the slot): in place
+        if out is None:
+            return x, y, cases
+        out[1][:b].copy_(y)
+        return x, out[1][:b], cases
 
-    def generate_train_batch(self) -> dict:
-        if self._next_g is None:  # first call, in a freshly started worker process
-            self._next_g = self.thread_id
-            torch.set_num_threads(1)
-        g = self._next_g
-        self._next_g += self.number_of_threads_in_multithreaded
-        epoch, k = self.start_epoch + g // self.per_epoch, g % self.per_epoch
-        try:
-            return self.make(epoch, k)
-        except Exception as exc:  # the main process raises it, with this worker's traceback
-            return {"error": str(exc), "error_type": type(exc).__name__,
-                    "medplan_error": isinstance(exc, MedplanError), "traceback": traceback.format_exc(),
-                    "epoch": epoch, "index": k}
+    def _normalize(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """The plan's normalization as one per-channel multiply-add written into ``out``.
+
+        Why: ``normalize`` allocates two batch-sized temporaries; in place it costs a quarter.
+        Scale and shift are read off ``normalize`` itself (at 0 and 255), so every scheme it
+        knows stays one definition.
+        """
+        if self._affine is None:
+            probe = torch.tensor([0.0, 255.0]).view(2, 1, 1, 1).expand(2, self.shape[0], 1, 1).contiguous()
+            ends = normalize(probe, self.plan.normalization)
+            self._affine = ((ends[1:] - ends[:1]) / 255.0, ends[:1].clone())
+        scale, shift = self._affine
+        return torch.addcmul(shift, x, scale, out=out)
+
+    def fill(self, key: tuple[int, int], image: torch.Tensor, seg: torch.Tensor) -> dict:
+        """A worker's job: batch ``key = (epoch, k)`` into the slot; the case ids go back by pipe."""
+        return {"case_ids": self.make(*key, out=(image, seg))[2]}
 
 
 class TrainLoader:
@@ -183,10 +217,14 @@ class TrainLoader:
             raise MedplanError(f"batch_size must be a positive integer, got {batch_size!r}")
         if not isinstance(seed, int) or seed < 0:
             raise MedplanError(f"seed must be a non-negative integer, got {seed!r}")
+        cpu_only = plan.augmentation.backend == "nnunet"
         if augment_on == "auto":
-            augment_on = "device" if self.device.type == "cuda" else "workers"
+            augment_on = "device" if self.device.type == "cuda" and not cpu_only else "workers"
         if augment_on not in ("device", "workers"):
             raise MedplanError(f"augment_on must be auto, device or workers, got {augment_on!r}")
+        if augment_on == "device" and cpu_only:
+            raise MedplanError("augment_on=device: augmentation.backend=nnunet (batchgeneratorsv2) runs on the CPU "
+                               "only; use augment_on=workers (or auto)")
         self.augment_on = augment_on
         self.num_workers = default_num_workers(augment_on) if num_workers is None else int(num_workers)
         if self.num_workers < 0:
@@ -198,15 +236,15 @@ class TrainLoader:
         self.drop_last = drop_last
         n = len(self.case_ids)
         self._len = max(1, n // batch_size if drop_last else -(-n // batch_size))
-        self.augmenter = build_augmentation(plan.augmentation)
+        # the main process augments only on the device; in the workers the source's augmenter does
+        self.augmenter: BatchAugmenter | None = build_augmentation(plan.augmentation) if augment_on == "device" else None
         shape = (plan.channels, *plan.input_size)
         _check_cases(self.data_dir, sorted(set(self.case_ids)), shape)
-        self._source = _BatchSource(self.data_dir, self.case_ids, plan, batch_size, seed, self._len,
-                                    augment=augment_on == "workers", num_workers=self.num_workers, start_epoch=0)
+        self._source = _BatchSource(self.data_dir, self.case_ids, plan, batch_size, seed,
+                                    augment=augment_on == "workers")
         self._epoch = 0
-        self._mta = None
-        self._next: tuple[int, int] | None = None  # (epoch, k) the running workers deliver next
-        self._finalizer = None
+        self._pool: WorkerPool | None = None
+        self._finalizer: weakref.finalize | None = None
 
     def __len__(self) -> int:
         return self._len
@@ -224,72 +262,66 @@ class TrainLoader:
     def __iter__(self) -> Iterator[dict]:
         epoch = self._epoch
         for k in range(self._len):
-            item = self._fetch(epoch, k)
-            yield self._to_device(item)
+            image, seg, cases = self._fetch(epoch, k)
+            yield self._to_device(image, seg, epoch, k, cases)
         self._epoch = epoch + 1
 
-    def _fetch(self, epoch: int, k: int) -> dict:
+    def _fetch(self, epoch: int, k: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Batch ``k`` of ``epoch`` as tensors of our own (CPU, pinned, or on the device already)."""
         if self.num_workers == 0:
-            item = self._source.make(epoch, k)
-        else:
-            if self._mta is None or self._next != (epoch, k):
-                self._start(epoch, k)
-            try:
-                item = next(self._mta)
-            except RuntimeError as exc:  # a worker died without reporting (killed, out of memory)
-                self.close()
-                raise RuntimeError(f"training loader: {exc}") from None
-            self._next = (epoch, k + 1) if k + 1 < self._len else (epoch + 1, 0)
-        if "error" in item:
+            return self._source.make(epoch, k)
+        if self._pool is None:
+            self._start()
+        try:
+            return self._pool.take((epoch, k), self._copy_out)
+        except BaseException:  # a worker's error or death, or Ctrl-C: stop them all before raising
             self.close()
-            if item["medplan_error"]:
-                raise MedplanError(item["error"])
-            raise RuntimeError(f"training loader worker failed on batch {item['index']} of epoch {item['epoch']}: "
-                               f"{item['error_type']}: {item['error']}\n{item['traceback']}")
-        if (item["epoch"], item["index"]) != (epoch, k):  # the round-robin order is what we rely on
-            self.close()
-            raise RuntimeError(f"training loader out of order: expected batch {k} of epoch {epoch}, "
-                               f"got {item['index']} of {item['epoch']}")
-        return item
+            raise
 
-    def _start(self, epoch: int, k: int) -> None:
-        """(Re)start the workers so that they deliver batch ``k`` of ``epoch`` first."""
-        from batchgenerators.dataloading.multi_threaded_augmenter import MultiThreadedAugmenter
-
-        self.close()
-        if k != 0:  # only ever asked at an epoch start; keep the arithmetic honest anyway
-            raise RuntimeError("training loader can only start at the beginning of an epoch")
-        self._source.start_epoch = epoch
-        seeds = [int(np.random.SeedSequence([self.seed, epoch, w]).generate_state(1)[0])
-                 for w in range(self.num_workers)]
-        self._mta = MultiThreadedAugmenter(self._source, None, self.num_workers, num_cached_per_queue=2,
-                                           seeds=seeds, pin_memory=False)
-        self._finalizer = weakref.finalize(self, _stop, self._mta)
-        self._next = (epoch, 0)
-
-    def _to_device(self, item: dict) -> dict:
-        image = torch.from_numpy(item["image"])
-        seg = torch.from_numpy(item["seg"])
+    def _copy_out(self, image: torch.Tensor, seg: torch.Tensor,
+                  answer: dict) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """Copy a worker's slot (its first rows) before it is reused: the one copy of the hand-over."""
+        cases = list(answer["case_ids"])
+        image, seg = image[:len(cases)], seg[:len(cases)]
+        if self.device.type == "cpu":  # the labels widened to long in the same pass, when nothing else reads them
+            return image.clone(), (seg.long() if self.augment_on == "workers" else seg.clone()), cases
         if self.pin_memory:
+            return image.pin_memory(), seg.pin_memory(), cases
+        return image.to(self.device), seg.to(self.device), cases
+
+    def _start(self) -> None:
+        """Fork the workers and their slots (once per loader, again after :meth:`close`)."""
+        self.close()
+        count = SLOTS_PER_WORKER * self.num_workers
+        src = self._source
+        slots = SlotBuffer(count, (self.batch_size, *src.shape), src.image_dtype, (self.batch_size, *src.shape[1:]))
+        try:
+            # nothing the pool holds may refer to the loader, or the finalizer would keep it alive
+            self._pool = WorkerPool(src.fill, slots, self.num_workers, partial(next_batch, per_epoch=self._len),
+                                    SLOTS_PER_WORKER, name="medplan-train-loader")
+        except BaseException:
+            slots.close()
+            raise
+        self._finalizer = weakref.finalize(self, self._pool.close)
+
+    def _to_device(self, image: torch.Tensor, seg: torch.Tensor, epoch: int, k: int, cases: list[str]) -> dict:
+        if self.pin_memory and not image.is_pinned():
             image, seg = image.pin_memory(), seg.pin_memory()
         non_blocking = self.pin_memory
         image = image.to(self.device, non_blocking=non_blocking)
         seg = seg.to(self.device, non_blocking=non_blocking)
-        if self.augment_on == "device":
-            gen = batch_generator(self.seed, item["epoch"], item["index"])
-            image, seg = self.augmenter(image, seg, gen)
+        if self.augmenter is not None:  # augment_on == "device"
+            image, seg = self.augmenter(image, seg, batch_generator(self.seed, epoch, k))
             image = normalize(image, self.plan.normalization)
-        else:
-            image = image.to(torch.float32)
-        return {"image": image.contiguous(), "seg": seg.long(), "case_ids": list(item["case_ids"])}
+        return {"image": image.contiguous(), "seg": seg.long(), "case_ids": cases}
 
     def close(self) -> None:
-        """Stop the background workers (idempotent); iterating again restarts them."""
+        """Stop the background workers and free their shared memory (idempotent); iterating
+        again restarts them."""
         if self._finalizer is not None:
-            self._finalizer()  # runs _stop once
+            self._finalizer()  # runs WorkerPool.close once
             self._finalizer = None
-        self._mta = None
-        self._next = None
+        self._pool = None
 
     def __enter__(self) -> "TrainLoader":
         return self
@@ -302,13 +334,6 @@ class TrainLoader:
             self.close()
         except Exception:  # interpreter shutdown
             pass
-
-
-def _stop(mta) -> None:
-    try:
-        mta._finish()
-    except Exception as exc:  # never let shutdown raise
-        log.debug("stopping loader workers: %s", exc)
 
 
 def iterate_validation(data_dir: str | Path, case_ids: Sequence[str], plan: Plan, *, batch_size: int,

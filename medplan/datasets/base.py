@@ -6,15 +6,18 @@ so every format gets the same checks and the same error messages.
 """
 from __future__ import annotations
 
+import io
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import numpy as np
+from PIL import Image
 
 from medplan.errors import MedplanError
-from medplan.io import case_stem, is_image_file, read_image
+from medplan.io import ITK_SUFFIXES, case_stem, image_suffix, is_image_file, plain_png, read_image
 from medplan.io import read_label as io_read_label
 from medplan.registry import Registry
 
@@ -49,6 +52,10 @@ class Collected:
     notes: list[str] = field(default_factory=list)
     # mask files no image was paired with: listed in dataset.json and its notes, never dropped silently
     orphan_masks: list[Path] = field(default_factory=list)
+    # every value of every label file, when the importer decoded them all already and its
+    # IndexLabels decoder declares them all (the folder importer): the writer then copies 8-bit
+    # gray PNG label maps without decoding them a second time
+    label_values: set[int] | None = None
 
 
 # ----------------------------------------------------------------------------- label decoders
@@ -104,13 +111,17 @@ class IndexLabels(LabelDecoder):
     def decode(self, arrays: list[np.ndarray], paths: list[Path]) -> np.ndarray:
         out = None
         for array, path in zip(arrays, paths):
-            values = _as_integer_map(array, path)
-            bad = np.unique(values[(values < 0) | (values >= self.num_classes)])
+            counts = value_counts(array)  # uint8 maps (nearly all): checked from a histogram, not copied
+            if counts is not None:
+                values, bad = array, np.nonzero(counts[self.num_classes:])[0] + self.num_classes
+            else:
+                values = _as_integer_map(array, path)
+                bad = np.unique(values[(values < 0) | (values >= self.num_classes)])
             if bad.size:
                 raise MedplanError(f"label values {_value_list(bad)} outside the declared classes "
                                    f"0..{self.num_classes - 1}", path)
             out = values if out is None else np.maximum(out, values)
-        return out.astype(np.uint8)
+        return out.astype(np.uint8, copy=False)
 
 
 class ValueMapLabels(LabelDecoder):
@@ -124,15 +135,22 @@ class ValueMapLabels(LabelDecoder):
     def decode(self, arrays: list[np.ndarray], paths: list[Path]) -> np.ndarray:
         out = None
         for array, path in zip(arrays, paths):
-            values = _as_integer_map(array, path)
-            present = np.unique(values)
+            counts = value_counts(array)
+            values = array if counts is not None else _as_integer_map(array, path)
+            present = np.nonzero(counts)[0] if counts is not None else np.unique(values)
             bad = [v for v in present if int(v) not in self.mapping]
             if bad:
                 raise MedplanError(f"label values {_value_list(bad)} outside the declared classes "
                                    f"(mapped values: {_value_list(self.mapping)})", path)
-            result = np.zeros(values.shape, dtype=np.uint8)
-            for v in present:
-                result[values == v] = self.mapping[int(v)]
+            if counts is not None:  # uint8: one table look-up per pixel
+                table = np.zeros(256, dtype=np.uint8)
+                for v in present:
+                    table[v] = self.mapping[int(v)]
+                result = table[values]
+            else:
+                result = np.zeros(values.shape, dtype=np.uint8)
+                for v in present:
+                    result[values == v] = self.mapping[int(v)]
             out = result if out is None else np.maximum(out, result)
         return out
 
@@ -195,6 +213,76 @@ def unused(files: Iterable[Path], cases: Iterable[Case]) -> list[Path]:
     with the same stem as the one used)."""
     used = {p for case in cases for p in case.labels}
     return sorted(p for p in files if p not in used)
+
+
+# ----------------------------------------------------------------------------- PNG files kept as they are
+# An 8-bit gray or RGB PNG already is a raw-format file of exactly the array medplan reads from
+# it: the writer copies such files instead of decoding and re-encoding them.
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_END = b"\x00\x00\x00\x00IEND\xaeB`\x82"  # the IEND chunk every complete PNG ends with
+
+
+def plain_png_shape(path: Path) -> tuple[int, ...] | None:
+    """``(H, W)`` or ``(H, W, 3)`` of an 8-bit gray or RGB PNG, from its header alone (no pixels
+    decoded); ``None`` for any other file and for one that does not end with the IEND chunk (a
+    truncated download). The one decode of the fingerprint pass checks the pixels of a copied
+    file (a corrupt stream is reported there, naming the file)."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(8) != PNG_SIGNATURE:
+                return None
+            f.seek(-len(PNG_END), os.SEEK_END)
+            if f.read(len(PNG_END)) != PNG_END:
+                return None
+            f.seek(0)
+            with Image.open(f) as img:
+                if not plain_png(img):
+                    return None
+                w, h = img.size
+                return (h, w) if img.mode == "L" else (h, w, 3)
+    except Exception:  # noqa: BLE001 -- unreadable here: decoding it names the file and the reason
+        return None
+
+
+def read_label_keeping_png(path: Path, palette_indices: bool) -> tuple[np.ndarray, bytes | None]:
+    """:func:`read_label` plus the file's bytes when it is an 8-bit gray PNG (its bytes then are
+    a raw-format label map of exactly the returned values, read either way); else ``None``."""
+    if image_suffix(path) not in ITK_SUFFIXES and path.is_file():
+        try:
+            data = path.read_bytes()
+            with Image.open(io.BytesIO(data)) as img:
+                if plain_png(img) and img.mode == "L":
+                    img.load()
+                    return np.asarray(img), data
+        except Exception:  # noqa: BLE001 -- read_label below names the file and the reason
+            pass
+    return read_label(path, palette_indices), None
+
+
+def label_value_set(path: Path) -> set[int]:
+    """The values of a label file (a palette PNG's indices; a colour file's first channel),
+    counted on the decoded PIL image itself for 8-bit gray and palette files (no numpy copies)."""
+    if image_suffix(path) not in ITK_SUFFIXES:
+        try:
+            with Image.open(path) as img:
+                if img.mode in ("L", "P"):
+                    return {v for v, c in enumerate(img.histogram()) if c}
+        except Exception:  # noqa: BLE001 -- read_label below names the file and the reason
+            pass
+    array = read_label(path, palette_indices=True)
+    if array.ndim == 3:
+        array = array[..., 0]
+    counts = value_counts(array)
+    return {int(v) for v in (np.nonzero(counts)[0] if counts is not None else np.unique(array))}
+
+
+def value_counts(array: np.ndarray) -> np.ndarray | None:
+    """Counts of the values 0..255 of a uint8 (H, W) array as int64 (PIL's C histogram, several
+    times faster than ``np.unique``); ``None`` for any other array."""
+    if array.dtype != np.uint8 or array.ndim != 2:
+        return None
+    return np.asarray(Image.fromarray(np.ascontiguousarray(array), mode="L").histogram(), dtype=np.int64)
 
 
 # ----------------------------------------------------------------------------- folder helpers
@@ -305,10 +393,15 @@ class Importer:
         """Find every case; raise MedplanError when the layout is missing or empty."""
         raise NotImplementedError
 
+    def name_for(self, source: Path) -> str:
+        """The dataset name when -d is not given (a format may derive it from the folder)."""
+        return self.default_name
+
 
 IMPORTER_ENTRY_POINT_GROUP = "medplan.importers"
 #: the built-in formats, in detection order (most specific first)
-BUILTIN_IMPORTERS = tuple(f"medplan.datasets.{m}" for m in ("camus", "isic2018", "neopolyp", "busi", "polyp", "folder"))
+BUILTIN_IMPORTERS = tuple(f"medplan.datasets.{m}" for m in ("camus", "isic2018", "neopolyp", "busi", "polyp", "nnunet",
+                                                                 "folder"))
 
 
 def _importer_from_plugin(name: str, obj: Any) -> Importer:

@@ -10,10 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from medplan.datasets.base import (Case, Collected, IndexLabels, Importer, ValueMapLabels, find_child, image_files,
-                                   read_label, register, safe_case_id, stem_index, unnest, unused, walk_dirs)
+                                   label_value_set, register, safe_case_id, stem_index, unnest, unused, walk_dirs)
 from medplan.errors import MedplanError
 from medplan.io import case_stem
 
@@ -102,10 +100,7 @@ class Folder(Importer):
             # decide once for the whole dataset, so a mask holding only 0 is read like its siblings
             values: set[int] = set()
             for case in cases:
-                array = read_label(case.labels[0], palette_indices=True)
-                if array.ndim == 3:
-                    array = array[..., 0]
-                values.update(int(v) for v in np.unique(array))
+                values.update(label_value_set(case.labels[0]))
             if values <= {0, 255}:
                 mapping = {0: 0, 255: 1}
                 notes.append("masks hold only 0 and 255: read as binary (255 -> 1)")
@@ -124,7 +119,8 @@ class Folder(Importer):
             raise MedplanError(f"unknown modality {modality!r}; one of {', '.join(MODALITIES)}")
         return Collected(cases=cases, decoder=decoder, labels={n: i for i, n in enumerate(names)},
                          modality=modality or "unknown", source_format="folder", root=source, notes=notes,
-                         orphan_masks=unused(mask_files, cases))
+                         orphan_masks=unused(mask_files, cases),
+                         label_values=values if isinstance(decoder, IndexLabels) else None)
 
 
 def _label_names(label_names: list[str] | str | None, num_classes: int) -> list[str]:

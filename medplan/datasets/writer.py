@@ -1,9 +1,11 @@
 """Write the medplan raw format from what an importer collected; find and auto-import datasets.
 
-Every case is decoded, validated (readable image, label of the same size, values inside the
-declared classes) and written as PNG inside a temporary folder that replaces
-``$MEDPLAN_RAW/NAME`` only when every case succeeded, so a failed import never damages an
-earlier good one; an 8-bit gray or RGB PNG image is copied byte for byte, not re-encoded.
+Every case is validated (readable image, label of the same size, values inside the declared
+classes) and written as PNG inside a temporary folder that replaces ``$MEDPLAN_RAW/NAME`` only
+when every case succeeded, so a failed import never damages an earlier good one. An 8-bit gray
+or RGB PNG image is copied byte for byte from its header alone, not decoded (the fingerprint
+pass decodes it once, and reports a corrupt one); other images are decoded and encoded as PNG
+at the fastest lossless level; label maps that already hold class indices are copied too.
 Decoding and PNG encoding run in a small process pool for large datasets.
 Images with more than 8 bits per value share one intensity window (``intensity_window`` in
 dataset.json); mask files no image was paired with are listed (``orphan_masks`` and a note).
@@ -14,6 +16,7 @@ import csv
 import io
 import multiprocessing
 import os
+import shutil
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
@@ -24,7 +27,8 @@ import numpy as np
 from PIL import Image
 
 from medplan import __version__
-from medplan.datasets.base import FORMATS, Case, Collected, LabelDecoder, read_label
+from medplan.datasets.base import (FORMATS, PNG_SIGNATURE, Case, Collected, IndexLabels, LabelDecoder,
+                                   plain_png_shape, read_label_keeping_png, value_counts)
 from medplan.errors import MedplanError
 from medplan.names import check_name
 from medplan.io import (ITK_SUFFIXES, atomic_directory, atomic_write_json, image_suffix, os_error_from_record,
@@ -63,6 +67,11 @@ def _is_8bit(path: Path) -> bool:
             reader.SetFileName(str(path))
             reader.ReadImageInformation()
             return reader.GetPixelID() in (sitk.sitkUInt8, sitk.sitkVectorUInt8)
+        with open(path, "rb") as f:
+            head = f.read(26)
+        if head[:8] == PNG_SIGNATURE and head[12:16] == b"IHDR":
+            # PIL reads every PNG as 8 bits per value but 16-bit gray (colour type 0), as mode "I;16"
+            return not (head[24] == 16 and head[25] == 0)
         with Image.open(path) as img:
             return not (img.mode.startswith("I") or img.mode == "F")
     except Exception:  # noqa: BLE001 -- unreadable: the conversion names the file and the reason
@@ -141,32 +150,70 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _convert_case(task: tuple[Case, LabelDecoder, str, str, dict[str, Any] | None]) -> dict[str, Any]:
-    """Decode, check and write one case; errors come back as data so the pool stays simple
-    (an OS error keeps its number, reason, file and operation across the process boundary)."""
-    case, decoder, out, root, window = task
-    try:
-        source, source_bytes = read_image_keeping_png(case.image)
-        image = _image_uint8(source, case.image, window)
-        # an 8-bit gray/RGB PNG the writer leaves unchanged (uint8: no window, no channel dropped)
-        # is copied byte for byte instead of re-encoded; the decode above checked it
-        if source_bytes is not None and (image.dtype != source.dtype or image.shape != source.shape):
-            source_bytes = None
-        if image.shape[0] < 1 or image.shape[1] < 1:
-            raise MedplanError("empty image", case.image)
-        arrays = []
-        for path in case.labels:
-            array = read_label(path, decoder.palette_indices)
-            if array.shape[:2] != image.shape[:2]:
-                raise MedplanError(f"label size {array.shape[0]}x{array.shape[1]} (HxW) differs from image size "
-                                   f"{image.shape[0]}x{image.shape[1]} of {case.image.name}", path)
-            arrays.append(array)
-        label = decoder.decode(arrays, case.labels)
-        out_dir = Path(out)
-        for sub, array, data in (("images", image, source_bytes), ("labels", label, None)):
-            target = out_dir / sub / f"{case.case_id}.png"
+def _write_image(case: Case, target: Path, window: dict[str, Any] | None) -> tuple[int, ...]:
+    """Write the raw image of one case; returns its shape, (H, W) or (H, W, 3).
+
+    An 8-bit gray or RGB PNG is copied byte for byte from its header alone (the one decode of
+    the fingerprint pass checks its pixels); any other image is decoded, mapped to 8 bits and
+    encoded as PNG at the fastest lossless level."""
+    shape = plain_png_shape(case.image)  # 8 bits: the intensity window never applies to it
+    if shape is not None:
+        with os_errors(target, "write"):
+            shutil.copyfile(case.image, target)  # the kernel copies; no pixels pass through here
+        return shape
+    source, data = read_image_keeping_png(case.image)
+    image = _image_uint8(source, case.image, window)
+    if image.shape[0] < 1 or image.shape[1] < 1:
+        raise MedplanError("empty image", case.image)
+    # unchanged by the writer (uint8: no window, no channel dropped): copied, not re-encoded
+    if data is None or image.dtype != source.dtype or image.shape != source.shape:
+        data = png_bytes(image)
+    with os_errors(target, "write"):
+        target.write_bytes(data)
+    return image.shape
+
+
+def _size_error(label_shape: tuple[int, ...], shape: tuple[int, ...], case: Case, path: Path) -> MedplanError:
+    return MedplanError(f"label size {label_shape[0]}x{label_shape[1]} (HxW) differs from image size "
+                        f"{shape[0]}x{shape[1]} of {case.image.name}", path)
+
+
+def _write_label(case: Case, target: Path, decoder: LabelDecoder, shape: tuple[int, ...],
+                 values_checked: bool) -> list[int] | None:
+    """Write the raw label map of one case; returns the classes present (``None`` when the
+    importer checked every value already and the file was copied without decoding it).
+
+    A label file that is already an 8-bit gray PNG of exactly the class indices is copied."""
+    if values_checked and len(case.labels) == 1:
+        label_shape = plain_png_shape(case.labels[0])
+        if label_shape is not None and len(label_shape) == 2:
+            if label_shape != shape[:2]:
+                raise _size_error(label_shape, shape, case, case.labels[0])
             with os_errors(target, "write"):
-                target.write_bytes(png_bytes(array) if data is None else data)
+                shutil.copyfile(case.labels[0], target)
+            return None
+    arrays, data = [], None
+    for path in case.labels:
+        array, data = read_label_keeping_png(path, decoder.palette_indices)
+        if array.shape[:2] != shape[:2]:
+            raise _size_error(array.shape, shape, case, path)
+        arrays.append(array)
+    label = decoder.decode(arrays, case.labels)
+    if data is None or len(arrays) != 1 or not (label is arrays[0] or np.array_equal(label, arrays[0])):
+        data = png_bytes(label)
+    with os_errors(target, "write"):
+        target.write_bytes(data)
+    counts = value_counts(label)
+    return np.nonzero(counts)[0].tolist() if counts is not None else np.unique(label).tolist()
+
+
+def _convert_case(task: tuple[Case, LabelDecoder, str, str, dict[str, Any] | None, bool]) -> dict[str, Any]:
+    """Check and write one case; errors come back as data so the pool stays simple (an OS error
+    keeps its number, reason, file and operation across the process boundary)."""
+    case, decoder, out, root, window, values_checked = task
+    try:
+        shape = _write_image(case, Path(out) / "images" / f"{case.case_id}.png", window)
+        classes = _write_label(case, Path(out) / "labels" / f"{case.case_id}.png", decoder, shape, values_checked)
     except MedplanError as exc:
         text = str(exc)
         if exc.path is not None and text.startswith(f"{exc.path}: "):
@@ -178,8 +225,7 @@ def _convert_case(task: tuple[Case, LabelDecoder, str, str, dict[str, Any] | Non
            "source_image": _relative(case.image, Path(root)),
            "source_label": ";".join(_relative(p, Path(root)) for p in case.labels)}
     row.update(case.metadata)
-    return {"row": row, "channels": 1 if image.ndim == 2 else 3,
-            "classes": np.unique(label).tolist()}
+    return {"row": row, "channels": 1 if len(shape) == 2 else 3, "classes": classes}
 
 
 def _in_dest(exc: OSError, tmp: Path, dest: Path) -> OSError:
@@ -254,7 +300,9 @@ def _fill(tmp: Path, collected: Collected, cases: list[Case], name: str, source:
     """Write every case, cases.csv and dataset.json into the temporary folder ``tmp``."""
     (tmp / "images").mkdir()
     (tmp / "labels").mkdir()
-    tasks = [(case, collected.decoder, str(tmp), str(collected.root), window) for case in cases]
+    values_checked = collected.label_values is not None and isinstance(collected.decoder, IndexLabels) and all(
+        0 <= v < collected.decoder.num_classes for v in collected.label_values)
+    tasks = [(case, collected.decoder, str(tmp), str(collected.root), window, values_checked) for case in cases]
     rows, channels, present = [], [], set()
     results = _run(tasks, workers)
     bar = progress_bar(results, total=len(tasks), desc=f"convert {name}", enabled=progress, unit="case")
@@ -266,7 +314,7 @@ def _fill(tmp: Path, collected: Collected, cases: list[Case], name: str, source:
                 raise os_error_from_record(result["os_error"])
             rows.append(result["row"])
             channels.append(result["channels"])
-            present.update(result["classes"])
+            present.update(result["classes"] if result["classes"] is not None else collected.label_values)
     finally:
         if hasattr(bar, "close"):
             bar.close()
@@ -368,7 +416,7 @@ def convert_dataset(fmt: str, source: str | Path, name: str | None = None, *, ra
     source = source.resolve()
     fmt = _resolve_format(fmt, source)
     importer = FORMATS[fmt]
-    name = name or importer.default_name
+    name = name or importer.name_for(source)
     if not name:
         raise MedplanError(f"format {fmt!r} needs a dataset name (-d NAME)")
     check_name(name, "dataset name")

@@ -182,8 +182,10 @@ def fold_status(n_ok: int, n_expected: int, missing: Sequence[Any]) -> str:
 
 
 def model_summary(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per dataset x arch: ``mean_<metric>``, ``sd_<metric>`` over the available folds,
-    ``n_ok``, ``n_expected``, ``missing`` (fold list) and ``folds`` (the status line)."""
+    """One row per dataset x arch: ``mean_<metric>``, ``sd_<metric>`` and ``n_<metric>`` (the folds
+    with a value: a class absent from a fold's validation cases has none there) over the available
+    folds, ``n_ok``, ``n_expected``, ``missing`` (fold list), ``complete`` (every expected fold
+    evaluated) and ``folds`` (the status line)."""
     cols = metric_columns(df)
     rows = []
     for (dataset, arch), g in df.groupby(["dataset", "arch"], sort=True):
@@ -193,10 +195,12 @@ def model_summary(df: pd.DataFrame) -> pd.DataFrame:
         row: dict[str, Any] = {"dataset": dataset, "arch": arch, "n_ok": len(ok), "n_expected": max(n_expected, len(g)),
                                "missing": sorted(missing, key=fold_sort_key), "class_names": g["class_names"].iloc[0]}
         row["folds"] = fold_status(row["n_ok"], row["n_expected"], row["missing"])
+        row["complete"] = row["n_ok"] >= row["n_expected"]
         for c in cols:
             values = ok[c].astype(float)
             row[f"mean_{c}"] = float(values.mean()) if values.notna().any() else np.nan
             row[f"sd_{c}"] = float(values.std(ddof=1)) if values.notna().sum() > 1 else np.nan
+            row[f"n_{c}"] = int(values.notna().sum())
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -115,6 +115,13 @@ def paired_comparison(dataset: str, arch_a: str, arch_b: str, *, n_boot: int = 1
         raise MedplanError(f"compare two different architectures, got {arch_a!r} twice")
     a = per_case_table(dataset, arch_a, folds=folds, results_root=results_root, recompute=recompute)
     b = per_case_table(dataset, arch_b, folds=folds, results_root=results_root, recompute=recompute)
+    return compare_tables(a, b, dataset, arch_a, arch_b, n_boot=n_boot, seed=seed, metric=metric)
+
+
+def compare_tables(a: pd.DataFrame, b: pd.DataFrame, dataset: str, arch_a: str, arch_b: str, *, n_boot: int = 10000,
+                   seed: int = 0, metric: str = "mDSC") -> dict[str, Any]:
+    """:func:`paired_comparison` of two :func:`per_case_table` results already in memory (the web
+    report compares every pair of a dataset's models and reads each table once)."""
     if metric not in a.columns or metric not in b.columns:
         raise MedplanError(f"unknown per-case metric {metric!r} (mDSC, mIoU, mRec, mPrec)")
     if a["case_id"].duplicated().any() or b["case_id"].duplicated().any():

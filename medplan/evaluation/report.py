@@ -7,7 +7,11 @@ value of each column in bold, the folds used), the cross-dataset average mDSC ra
 paper's section 3.1 (``ranking.csv`` and in the Markdown), and plots: ``mdsc_bar.png`` (mDSC ±
 SD per architecture per dataset) and ``classwise_dice_DATASET.png``.
 
-"Best" compares the values as printed (one decimal), so ties are all marked. Class-wise
+"Best" compares the values as printed (one decimal), so ties are all marked, and only among the
+complete models (every expected fold evaluated): a model with missing folds is shown with its
+folds, never marked best and never ranked beside the complete ones. A class averaged over fewer
+folds than its model (absent from a fold's validation cases) carries a dagger and a note. Bars
+start at zero. Class-wise
 columns appear for datasets with more than one foreground class (for a binary task the one
 class's Dice is the mDSC, as the paper's "–").
 """
@@ -55,35 +59,60 @@ def _table_columns(summary: pd.DataFrame) -> tuple[list[str], int]:
     return [*METRICS, *(dice_column(i) for i in range(1, n_class + 1))], n_class
 
 
-def _best(g: pd.DataFrame, col: str) -> set[int]:
-    """Row positions holding the best value of a column as printed (one decimal)."""
+def is_complete(row: pd.Series | dict) -> bool:
+    """Every expected fold of the model evaluated (rows without fold counts count as complete)."""
+    if "complete" in row and pd.notna(row["complete"]):
+        return bool(row["complete"])
+    if "n_ok" in row and "n_expected" in row and pd.notna(row["n_ok"]):
+        return int(row["n_ok"]) >= int(row["n_expected"])
+    return True
+
+
+def best_rows(g: pd.DataFrame, col: str) -> set[int]:
+    """Row positions holding the best value of a column as printed (one decimal), among the
+    complete models only: a partial model is never marked best."""
     key = f"mean_{col}"
     if key not in g or g[key].isna().all():
         return set()
-    printed = g[key].map(lambda v: np.nan if pd.isna(v) else pct(v))
-    top = printed.max()
+    printed = [np.nan if pd.isna(v) or not is_complete(r) else pct(v) for v, (_, r) in zip(g[key], g.iterrows())]
+    if all(math.isnan(v) for v in printed):
+        return set()
+    top = np.nanmax(printed)
     return {i for i, v in enumerate(printed) if v == top}
+
+
+
+def fewer_folds(row: pd.Series | dict, col: str) -> int | None:
+    """The folds a column was averaged over when fewer than the model's evaluated folds, else None."""
+    n = row.get(f"n_{col}") if hasattr(row, "get") else None
+    if n is None or pd.isna(n) or "n_ok" not in row or pd.isna(row["mean_" + col]):
+        return None
+    return int(n) if int(n) < int(row["n_ok"]) else None
 
 
 def ranking(summary: pd.DataFrame) -> pd.DataFrame:
     """Average mDSC over datasets per architecture, best first (paper section 3.1).
 
-    Architectures without results on every dataset are ranked after the complete ones, their
-    average taken over the datasets they have (``n_datasets`` says how many)."""
+    Only architectures with every fold of every dataset are ``complete`` and get a ``rank``; the
+    others follow unranked (rank empty), their average taken over what they have
+    (``n_datasets`` datasets; ``partial`` names the datasets with missing folds)."""
     datasets = sorted(summary["dataset"].unique())
     rows = []
     for arch, g in summary.groupby("arch"):
         values = {d: g.loc[g["dataset"] == d, "mean_mDSC"] for d in datasets}
         per = {d: (float(v.iloc[0]) if len(v) and pd.notna(v.iloc[0]) else np.nan) for d, v in values.items()}
         have = [v for v in per.values() if not math.isnan(v)]
+        partial = [f"{r['dataset']} {int(r['n_ok'])}/{int(r['n_expected'])} folds" for _, r in g.iterrows()
+                   if not is_complete(r)]
         rows.append({"arch": arch, "average_mDSC": float(np.mean(have)) if have else np.nan,
-                     "n_datasets": len(have), "complete": len(have) == len(datasets),
-                     **{f"mDSC_{d}": v for d, v in per.items()}})
+                     "n_datasets": len(have), "complete": len(have) == len(datasets) and not partial,
+                     "partial": "; ".join(partial), **{f"mDSC_{d}": v for d, v in per.items()}})
     df = pd.DataFrame(rows)
     if df.empty:
         return df
     df = df.sort_values(["complete", "average_mDSC", "arch"], ascending=[False, False, True], na_position="last")
-    df.insert(0, "rank", range(1, len(df) + 1))
+    n_complete = int(df["complete"].sum())
+    df.insert(0, "rank", pd.array(list(range(1, n_complete + 1)) + [pd.NA] * (len(df) - n_complete), dtype="Int64"))
     return df.reset_index(drop=True)
 
 
@@ -102,13 +131,15 @@ def markdown(df: pd.DataFrame, title: str = "Cross-validation results") -> str:
     cols, n_class = _table_columns(summary)
     head = ["Dataset", "Model", *METRICS, *(f"C_{i}" for i in range(1, n_class + 1)), "Folds"]
     lines = [f"# {title}", "",
-             "Mean±SD over folds, in percent; best per dataset and column in **bold**. "
+             "Mean±SD over folds (sample SD, ddof=1), in percent; best per dataset and column in **bold**, "
+             "among the models with every fold (a model with missing folds is never marked best). "
+             "† a class averaged over fewer folds than its model. "
              "Metrics: global micro-averaging over all pixels, background excluded.", "",
              "| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 3) + ["---"]) + "|"]
     for dataset, g in summary.groupby("dataset", sort=True):
         g = g.reset_index(drop=True)
         has_class = _n_foreground(g) >= 2
-        best = {c: _best(g, c) for c in cols}
+        best = {c: best_rows(g, c) for c in cols}
         for i, r in g.iterrows():
             cells = [dataset if i == 0 else "", str(r["arch"])]
             for c in cols:
@@ -116,8 +147,10 @@ def markdown(df: pd.DataFrame, title: str = "Cross-validation results") -> str:
                     cells.append(DASH)
                     continue
                 text = mean_sd(r[f"mean_{c}"], r[f"sd_{c}"])
-                cells.append(f"**{text}**" if i in best[c] and text != DASH else text)
-            cells.append(str(r["folds"]))
+                text = f"**{text}**" if i in best[c] and text != DASH else text
+                fewer = fewer_folds(r, c)
+                cells.append(text if fewer is None else f"{text} †{fewer}/{int(r['n_expected'])}")
+            cells.append(str(r["folds"]) if is_complete(r) else f"partial: {r['folds']}")
             lines.append("| " + " | ".join(cells) + " |")
     notes = _footnote(summary)
     if notes:
@@ -135,9 +168,11 @@ def markdown(df: pd.DataFrame, title: str = "Cross-validation results") -> str:
         for _, r in rank.iterrows():
             avg = DASH if pd.isna(r["average_mDSC"]) else f"{pct(r['average_mDSC']):.1f}"
             if not r["complete"]:
-                avg += f" ({r['n_datasets']}/{len(datasets)} datasets)"
+                avg += f" (not ranked: {r['n_datasets']}/{len(datasets)} datasets" + \
+                    (f"; {r['partial']})" if r["partial"] else ")")
             per = [DASH if pd.isna(r[f"mDSC_{d}"]) else f"{pct(r[f'mDSC_{d}']):.1f}" for d in datasets]
-            lines.append(f"| {r['rank']} | {r['arch']} | {avg} | " + " | ".join(per) + " |")
+            place = DASH if pd.isna(r["rank"]) else str(r["rank"])
+            lines.append(f"| {place} | {r['arch']} | {avg} | " + " | ".join(per) + " |")
     incomplete = summary[summary["n_ok"] < summary["n_expected"]]
     if not incomplete.empty:
         lines += ["", "## Missing folds", ""]
@@ -153,11 +188,14 @@ def tex_escape(text: str) -> str:
     return "".join(_TEX_SPECIAL.get(ch, ch) for ch in str(text))
 
 
-def latex(df: pd.DataFrame, caption: str = "Per-dataset metrics (mean$\\pm$SD, \\%; best per column in bold).") -> str:
-    """Table 3 as a booktabs LaTeX table (needs ``\\usepackage{booktabs}``)."""
+def latex(df: pd.DataFrame, caption: str = "Per-dataset metrics (mean$\\pm$sample SD over folds, \\%; best per "
+                                           "column in bold, among the models with every fold).") -> str:
+    """Table 3 as a booktabs LaTeX table, ready to ``\\input`` (needs ``\\usepackage{booktabs}``)."""
     summary = model_summary(df)
     cols, n_class = _table_columns(summary)
-    lines = [r"\begin{table}[t]", r"\centering", f"\\caption{{{caption}}}", r"\label{tab:cv-results}",
+    lines = ["% Table 3 written by medplan_evaluate --all-folds: \\input{summary.tex} in a document with",
+             "% \\usepackage{booktabs}; values in percent, mean$\\pm$sample SD (ddof=1) over folds.",
+             r"\begin{table}[t]", r"\centering", f"\\caption{{{caption}}}", r"\label{tab:cv-results}",
              r"\begin{tabular}{ll" + "r" * len(cols) + "}", r"\toprule"]
     if n_class:
         lines.append(" & & \\multicolumn{4}{c}{} & \\multicolumn{%d}{c}{Class-wise DSC} \\\\" % n_class)
@@ -169,9 +207,10 @@ def latex(df: pd.DataFrame, caption: str = "Per-dataset metrics (mean$\\pm$SD, \
     for gi, (dataset, g) in enumerate(groups):
         g = g.reset_index(drop=True)
         has_class = _n_foreground(g) >= 2
-        best = {c: _best(g, c) for c in cols}
+        best = {c: best_rows(g, c) for c in cols}
         for i, r in g.iterrows():
-            cells = [tex_escape(dataset) if i == 0 else "", tex_escape(r["arch"])]
+            arch = tex_escape(r["arch"]) + ("" if is_complete(r) else "$^{*}$")
+            cells = [tex_escape(dataset) if i == 0 else "", arch]
             for c in cols:
                 if c.startswith("dice_C") and (not has_class or f"mean_{c}" not in r or pd.isna(r[f"mean_{c}"])):
                     cells.append("--")
@@ -180,7 +219,9 @@ def latex(df: pd.DataFrame, caption: str = "Per-dataset metrics (mean$\\pm$SD, \
                 if text == DASH:
                     cells.append("--")
                 else:
-                    cells.append(f"\\textbf{{{text}}}" if i in best[c] else text)
+                    text = f"\\textbf{{{text}}}" if i in best[c] else text
+                    fewer = fewer_folds(r, c)
+                    cells.append(text if fewer is None else f"{text}$^\\dagger$")
             lines.append(" & ".join(cells) + r" \\")
         if gi < len(groups) - 1:
             lines.append(r"\midrule")
@@ -188,7 +229,11 @@ def latex(df: pd.DataFrame, caption: str = "Per-dataset metrics (mean$\\pm$SD, \
     notes = _footnote(summary)
     incomplete = summary[summary["n_ok"] < summary["n_expected"]]
     extra = [tex_escape(n) for n in notes]
-    extra += [tex_escape(f"{r['dataset']} / {r['arch']}: {r['folds']}") for _, r in incomplete.iterrows()]
+    extra += ["$^{*}$ " + tex_escape(f"{r['dataset']} / {r['arch']}: {r['folds']} (partial, never marked best)")
+              for _, r in incomplete.iterrows()]
+    extra += ["$^\\dagger$ " + tex_escape(f"{r['dataset']} / {r['arch']} C_{c[len('dice_C'):]}: averaged over "
+                                          f"{fewer_folds(r, c)}/{int(r['n_expected'])} folds")
+              for _, r in summary.iterrows() for c in cols if fewer_folds(r, c) is not None]
     if extra:
         lines.append(r"\par\smallskip{\footnotesize " + r" \\ ".join(extra) + "}")
     lines.append(r"\end{table}")
@@ -204,20 +249,37 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def _grouped_bars(ax, groups: Sequence[str], series: dict[str, tuple[list[float], list[float]]]) -> None:
+def grouped_bars(ax, groups: Sequence[str], series: dict[str, tuple[list[float], list[float]]],
+                 partial: dict[str, list[str]] | None = None) -> None:
+    """Bars from zero, one group per ``groups`` entry; ``partial[label][j]`` (e.g. ``"2/5"``) draws
+    bar j of a model with missing folds hatched and pale, its fold count written above it."""
     import matplotlib
 
     n = max(len(series), 1)
     width = 0.8 / n
     x = np.arange(len(groups))
-    colours = matplotlib.colormaps["tab20"].colors  # 20 distinct colours: the paper's 11 models fit
+    # 10 strong colours; 20 (in light/dark pairs) only when more models must be told apart
+    colours = matplotlib.colormaps["tab10" if len(series) <= 10 else "tab20"].colors
     for i, (label, (means, sds)) in enumerate(series.items()):
-        ax.bar(x - 0.4 + width * (i + 0.5), [pct(m) if not math.isnan(m) else 0 for m in means], width,
-               yerr=[0 if math.isnan(s) else pct(s) for s in sds], capsize=2, label=label,
-               color=colours[i % len(colours)])
+        flags = (partial or {}).get(label) or [""] * len(means)
+        heights = [pct(m) if not math.isnan(m) else 0 for m in means]
+        xs = x - 0.4 + width * (i + 0.5)
+        bars = ax.bar(xs, heights, width, yerr=[0 if math.isnan(s) else pct(s) for s in sds], capsize=2,
+                      label=label + (" (partial)" if any(flags) else ""), color=colours[i % len(colours)])
+        for bar, flag, h, xpos in zip(bars, flags, heights, xs):
+            if flag:
+                bar.set_hatch("///")
+                bar.set_alpha(0.45)
+                ax.text(xpos, 2, flag, ha="center", va="bottom", fontsize=6, rotation=90)  # inside, at its foot
     ax.set_xticks(x)
     ax.set_xticklabels(groups)
+    ax.set_ylim(0, 100)  # from zero: a gap of 2 points looks like 2 points
     ax.grid(axis="y", alpha=0.3)
+
+
+def partial_flag(row: pd.Series | dict) -> str:
+    """``"2/5 folds"`` for a model with missing folds, ``""`` for a complete one."""
+    return "" if is_complete(row) else f"{int(row['n_ok'])}/{int(row['n_expected'])} folds"
 
 
 def plot_mdsc(summary: pd.DataFrame) -> bytes:
@@ -229,18 +291,16 @@ def plot_mdsc(summary: pd.DataFrame) -> bytes:
 
     datasets = sorted(summary["dataset"].unique())
     archs = sorted(summary["arch"].unique())
-    series = {}
+    series, partial = {}, {}
     for arch in archs:
         rows = [summary[(summary["dataset"] == d) & (summary["arch"] == arch)] for d in datasets]
         series[arch] = ([float(r["mean_mDSC"].iloc[0]) if len(r) else np.nan for r in rows],
                         [float(r["sd_mDSC"].iloc[0]) if len(r) else np.nan for r in rows])
+        partial[arch] = [partial_flag(r.iloc[0]) if len(r) else "" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(datasets) * max(1, len(archs)) / 3), 4))
-    _grouped_bars(ax, datasets, series)
-    finite = [pct(m) for m, _ in (z for s in series.values() for z in zip(*s)) if not math.isnan(m)]
-    if finite:
-        ax.set_ylim(max(0, min(finite) - 10), 100)
+    grouped_bars(ax, datasets, series, partial)
     ax.set_ylabel("mDSC (%)")
-    ax.set_title("mDSC (mean ± SD over folds)")
+    ax.set_title("mDSC (mean ± sample SD over folds; hatched: missing folds)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     try:
         return _png(fig)
@@ -257,13 +317,13 @@ def plot_classwise(summary: pd.DataFrame, dataset: str) -> bytes:
 
     g = summary[summary["dataset"] == dataset]
     names = [n for n in str(g["class_names"].iloc[0]).split("|") if n]
-    series = {}
+    series, partial = {}, {}
     for _, r in g.iterrows():
         series[str(r["arch"])] = ([float(r.get(f"mean_{dice_column(i)}", np.nan)) for i in range(1, len(names) + 1)],
                                   [float(r.get(f"sd_{dice_column(i)}", np.nan)) for i in range(1, len(names) + 1)])
+        partial[str(r["arch"])] = [partial_flag(r)] * len(names)
     fig, ax = plt.subplots(figsize=(max(6, 1.0 * len(names) * max(1, len(series)) / 3), 4))
-    _grouped_bars(ax, [f"C_{i}: {n}" for i, n in enumerate(names, start=1)], series)
-    ax.set_ylim(0, 100)
+    grouped_bars(ax, [f"C_{i}: {n}" for i, n in enumerate(names, start=1)], series, partial)
     ax.set_ylabel("Dice (%)")
     ax.set_title(f"{dataset}: class-wise Dice (mean ± SD over folds)")
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -9,6 +9,7 @@ from typing import Any, Iterator
 import numpy as np
 import pandas as pd
 
+from medplan.architectures import get_entry, is_model
 from medplan.errors import MedplanError
 from medplan.explain.cases import CaseMaps, raw_case_files, read_case_label
 from medplan.explain.figures import figure_png, grid_figure, percent
@@ -31,6 +32,11 @@ def _check_names(req: ExplainRequest) -> None:
         raise MedplanError("name at least one architecture (-a)")
     check_name(req.dataset, "dataset name")
     check_names(req.archs, "architecture name")
+    for arch in req.archs:
+        if is_model(arch) and get_entry(arch).external:
+            raise MedplanError(f"medplan_explain does not apply to {arch}: its network is built and run by "
+                               f"{get_entry(arch).external}'s own code, not by medplan, so there is no layer to "
+                               "take Grad-CAM from")
     for fold in req.folds or []:
         check_fold(fold)
     check_names(req.cases or [], "case id")

@@ -64,12 +64,17 @@ def integer(lo: int = 0, hi: int | None = None, *, optional: bool = False) -> Ch
     return check
 
 
-def choice(options: tuple[str, ...], *, case_insensitive: bool = False) -> Check:
+def choice(options: tuple[str, ...], *, case_insensitive: bool = False, suggest: bool = False) -> Check:
+    """One of ``options``; ``suggest``: a near miss gets a "did you mean" (like unknown keys)."""
     def check(value: Any, key: str, source: Any, plan: dict | None) -> Any:
         ok = isinstance(value, str) and (value.lower() in {o.lower() for o in options} if case_insensitive
                                          else value in options)
         if not ok:
-            raise fail(key, "one of " + ", ".join(options), value, source)
+            lowered = {o.lower(): o for o in options}
+            close = difflib.get_close_matches(value.lower(), list(lowered), n=1, cutoff=0.6) \
+                if suggest and isinstance(value, str) else []
+            hint = f"; did you mean {lowered[close[0]]!r}?" if close else ""
+            raise MedplanError(f"'{key}' must be one of {', '.join(options)}, got {shown(value)}{hint}", source)
         return value
 
     return check

@@ -13,6 +13,9 @@ from medplan.plan.checks import (Check, choice, fail, flag, integer, number, num
                                  unknown_key)
 
 SPLIT_STRATEGIES = ("kfold", "group_kfold")
+#: who augments: medplan's BatchAugmenter (the keys below), or nnU-Net v2's default 2D pipeline
+#: (batchgeneratorsv2, :mod:`medplan.data.nnunet_aug`), which ignores the keys below
+AUGMENTATION_BACKENDS = ("medplan", "nnunet")
 OPTIMIZERS = ("AdamW", "Adam")
 LR_SCHEDULES = ("rex", "constant")  # medplan.trainers.schedule.SCHEDULES (kept equal by a test)
 MONITORS = ("val_mIoU", "val_mDSC", "val_loss")
@@ -222,6 +225,9 @@ class Augmentation(Section):
     the off values (:meth:`off_json`), the augmenter reads this object."""
 
     KEY: ClassVar[str] = "augmentation"
+    backend: str = augmentation_entry("medplan", choice(AUGMENTATION_BACKENDS, suggest=True),
+                                      "medplan: the keys below; nnunet: nnU-Net v2's default 2D augmentation "
+                                      "(batchgeneratorsv2, CPU loader workers), the keys below unused")
     rotation_deg: float = augmentation_entry(0.0, number(0, 180), "rotation, uniform in [-r, r] degrees")
     p_rotation: float = augmentation_entry(0.0, number(0, 1), "probability of a rotation")
     scale: tuple[float, float] = augmentation_entry((1.0, 1.0), span(0), "content magnification range (> 1 enlarges)")

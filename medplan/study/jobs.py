@@ -9,7 +9,7 @@ from typing import Any
 
 from medplan.errors import MedplanError
 from medplan.io import atomic_write_json, read_json
-from medplan.study.model import CONTROL, JOB_ID, OUTCOMES_DIR, Study, Task, now
+from medplan.study.model import CONTROL, JOB_ID, OUTCOMES_DIR, Study, Task, now, searches_lr
 from medplan.study.report import write_study_report
 from medplan.study.state import lr_search_summary, stale_advice, stale_reasons
 from medplan.trainers import train, tune
@@ -40,7 +40,7 @@ def run_task(study_json: dict, task: Task, env: dict[str, str] | None = None) ->
              overrides=train_overrides(study, "lr_search"), model_options=study.model_options.get(task.arch))
     elif task.kind == "fold":
         overrides = train_overrides(study, "cv")
-        if study.lr_search:
+        if searches_lr(study, task.arch):
             search = lr_search_summary(study, task.dataset, task.arch)
             if search is None:
                 raise MedplanError(f"{task.key}: the LR search of {task.dataset}/{task.arch} has not finished")

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from medplan.architectures import is_model, list_models
+from medplan.architectures import get_entry, is_model, list_models
 from medplan.errors import MedplanError
 from medplan.io import atomic_write_json, read_json
 from medplan.names import check_names
@@ -219,12 +219,17 @@ def study_folds(study: Study, dataset: str) -> list[int]:
     return folds
 
 
+def searches_lr(study: Study, arch: str) -> bool:
+    """The study runs an LR search for ``arch``: not for an external one (nnU-Net's recipe fixes its LR)."""
+    return study.lr_search and not (is_model(arch) and get_entry(arch).external)
+
+
 def tasks(study: Study) -> list[Task]:
     """Every task of the study in dependency order."""
     out: list[Task] = []
     for d in study.datasets:
         for a in study.archs:
-            if study.lr_search:
+            if searches_lr(study, a):
                 out.append(Task("lr_search", d, a))
             out.extend(Task("fold", d, a, k) for k in study_folds(study, d))
     out.append(Task("report"))
@@ -232,7 +237,7 @@ def tasks(study: Study) -> list[Task]:
 
 
 def dependencies(study: Study, task: Task, all_tasks: list[Task]) -> list[Task]:
-    if task.kind == "fold" and study.lr_search:
+    if task.kind == "fold" and searches_lr(study, task.arch):
         return [Task("lr_search", task.dataset, task.arch)]
     if task.kind == "report":
         return [t for t in all_tasks if t.kind == "fold"]

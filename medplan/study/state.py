@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from medplan.architectures import get_entry, is_model
 from medplan.errors import MedplanError
 from medplan.io import read_json
 from medplan.paths import preprocessed_dir, results_dir, results_root
@@ -66,6 +67,9 @@ def expected_run(study: Study, dataset: str, arch: str) -> dict[str, Any] | None
     """What a fold of this study would record in config.json now (plan hash, lr, epochs,
     batch_size, model_options); None while the LR search that picks the LR has not finished."""
     digest, plan = _current_plan(dataset)
+    if is_model(arch) and get_entry(arch).external:  # its own recipe decides LR, epochs and batch size
+        options = default_model_options(arch, study.model_options.get(arch))
+        return {"plan": digest, "external": True, "model_options": json.loads(json.dumps(options, default=str))}
     if study.lr_search:
         search = lr_search_summary(study, dataset, arch)
         if search is None or search.get("best_lr") is None:
@@ -107,9 +111,11 @@ def stale_reasons(study: Study, task: Task) -> list[str] | None:
     if not isinstance(recorded_plan, dict) or plan_hash(recorded_plan) != expected["plan"]:
         why.append("another plan (plans.json changed since)")
     lr = config.get("lr")
-    if not isinstance(lr, (int, float)) or not math.isclose(float(lr), expected["lr"], rel_tol=1e-9):
+    if expected.get("external"):
+        pass  # LR, epochs and batch size are the external code's (nnU-Net's), not the study's
+    elif not isinstance(lr, (int, float)) or not math.isclose(float(lr), expected["lr"], rel_tol=1e-9):
         why.append(f"lr {_shown(lr)} (study: {_shown(expected['lr'])})")
-    for key in ("epochs", "batch_size"):
+    for key in () if expected.get("external") else ("epochs", "batch_size"):
         if config.get(key) != expected[key]:
             why.append(f"{key} {_shown(config.get(key))} (study: {_shown(expected[key])})")
     recorded = config.get("model_options")

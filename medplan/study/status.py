@@ -2,6 +2,7 @@
 queue, when a backend can see it), and the jobs a run would submit with a GPU-hour estimate."""
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from medplan.architectures.measure import estimate_seconds, load_measurements
@@ -11,6 +12,12 @@ from medplan.stagefiles import load_plan, load_splits
 from medplan.study.backends import Backend
 from medplan.study.model import REPORT_FILE, Study, dependencies, tasks
 from medplan.study.state import is_done, plan_jobs, stale_reasons
+from medplan.trainers.tensorboard import EVENTS_GLOB, TENSORBOARD_DIR
+
+#: the study's web report (medplan_evaluate --all-folds / --html), relative to the results root
+REPORT_HTML = Path("report") / "index.html"
+#: where runs keep their event files: RESULTS/DATASET/ARCH/fold_K and .../lr_search/lr_X/fold_K
+RUN_FOLDER_PATTERNS = ("*/*/fold_*", "*/*/lr_search/*/fold_*")
 
 
 def _metrics_of(run: RunDir) -> tuple[float | None, float]:
@@ -65,7 +72,23 @@ def status_rows(study: Study, backend: Backend | None = None) -> list[dict[str, 
     return rows
 
 
-def format_status(rows: list[dict[str, Any]]) -> str:
+def watch_hints(root: Path | None = None) -> list[str]:
+    """Where to look besides this table: the web report, once it exists, and the TensorBoard
+    command, once a run has written event files (nothing for what is not there yet)."""
+    root = results_root() if root is None else Path(root)
+    lines = []
+    report = root / REPORT_HTML
+    if report.is_file():
+        lines.append(f"report: {report}")
+    events = (f for pattern in RUN_FOLDER_PATTERNS for f in root.glob(f"{pattern}/{TENSORBOARD_DIR}/{EVENTS_GLOB}"))
+    if next(events, None) is not None:
+        lines.append(f"watch training: tensorboard --logdir {root}")
+    return lines
+
+
+def format_status(rows: list[dict[str, Any]], root: Path | None = None) -> str:
+    """The status table, with the report and TensorBoard hints (:func:`watch_hints`) above it
+    (the table's last line stays the count of tasks per state)."""
     header = ["dataset", "arch", "stage", "state", "job", "time", "best val mIoU"]
     body = []
     for r in rows:
@@ -74,8 +97,10 @@ def format_status(rows: list[dict[str, Any]]) -> str:
                      "-" if not t else (f"{t / 3600:.1f} h" if t >= 3600 else f"{t:.0f} s"),
                      "-" if r["best_val_mIoU"] is None else f"{100 * r['best_val_mIoU']:.1f}"])
     widths = [max(len(c) for c in col) for col in zip(header, *body)]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
-             for cells in [header, ["-" * w for w in widths]] + body]
+    hints = watch_hints(root)
+    lines = hints + [""] * bool(hints)
+    lines += ["  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+              for cells in [header, ["-" * w for w in widths]] + body]
     counts: dict[str, int] = {}
     for r in rows:
         counts[r["state"].split()[0]] = counts.get(r["state"].split()[0], 0) + 1

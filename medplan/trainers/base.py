@@ -1,10 +1,12 @@
 """The base trainer: the paper's shared protocol, in hooks a per-architecture trainer can override.
 
-Protocol (from the plan): AdamW, REX schedule stepped per optimizer step, the plan's batch
-size, BCE (binary) or CE (multi-class), mixed precision on GPU (bf16 where supported, else
-fp16 with a grad scaler), validation every epoch on the whole validation fold, early
-stopping and best checkpoint on validation mIoU. At the end the best weights predict every
-validation case at its original size (``validation/CASE.png`` + ``summary.json``).
+Protocol (from the plan): AdamW (fused kernel on CUDA, foreach elsewhere), REX schedule
+stepped per optimizer step, the plan's batch size, BCE (binary) or CE (multi-class), mixed
+precision on GPU (bf16 where supported, else fp16 with a grad scaler), validation every epoch
+on the whole validation fold, early stopping and best checkpoint on validation mIoU. At the
+end the best weights predict every validation case at its original size
+(``validation/CASE.png`` + ``summary.json``). ``--compile`` runs the training forward through
+``torch.compile``; validation, prediction and checkpoints use the plain module.
 
 Hooks, in the spirit of nnU-Net's trainer subclasses (override one, keep the rest):
 ``build_network``, ``parameter_groups`` / ``configure_optimizers``, ``build_loss``,
@@ -43,8 +45,9 @@ from medplan.trainers.losses import build_loss
 from medplan.trainers.progress import RunLog
 from medplan.trainers.schedule import build_scheduler
 from medplan.trainers.session import RunSession
-from medplan.trainers.settings import (DEFAULT_SEED, STAGES, EarlyStopping, TrainSettings, configure_backends,
-                                       mixed_precision, resolve_device, seed_everything)
+from medplan.trainers.settings import (DEFAULT_SEED, STAGES, EarlyStopping, TrainSettings, compile_model,
+                                       configure_backends, mixed_precision, optimizer_kernels, resolve_device,
+                                       seed_everything, use_channels_last)
 from medplan.trainers.validation import validation_metrics, write_validation_predictions
 
 __all__ = ["Trainer", "TrainSettings", "EarlyStopping", "DEFAULT_SEED", "STAGES", "LATEST", "BEST", "FINAL",
@@ -91,6 +94,8 @@ class Trainer:
         self.scaler: torch.amp.GradScaler | None = None
         self.rank_batch_size = self.batch_size
         self.model: nn.Module | None = None
+        self.compiled: nn.Module | None = None  # torch.compile's wrapper of model, called by train_step (--compile)
+        self.channels_last = False
         self.optimizer: torch.optim.Optimizer | None = None
         self.scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.loss_fn: nn.Module | None = None
@@ -162,8 +167,9 @@ class Trainer:
     def configure_optimizers(self, model: nn.Module) -> torch.optim.Optimizer:
         cfg = self.plan.optimizer  # its name is AdamW or Adam (any case), checked with the plan
         optimizer = torch.optim.Adam if cfg.name.lower() == "adam" else torch.optim.AdamW
-        return optimizer(self.parameter_groups(model), lr=self.lr, weight_decay=float(cfg.weight_decay),
-                         betas=tuple(cfg.betas))
+        groups = self.parameter_groups(model)
+        return optimizer(groups, lr=self.lr, weight_decay=float(cfg.weight_decay), betas=tuple(cfg.betas),
+                         **optimizer_kernels(p for g in groups for p in g["params"]))
 
     def build_loss(self) -> nn.Module:
         return build_loss(self.plan, self.class_weights)
@@ -188,9 +194,11 @@ class Trainer:
         return self.loss_fn(logits, batch["seg"])
 
     def train_step(self, batch: dict) -> torch.Tensor:
+        """One optimizer step; the forward runs compiled under ``--compile`` (validation and the
+        final prediction run the same weights eagerly)."""
         self.optimizer.zero_grad(set_to_none=True)
         with self.autocast():
-            logits = self.forward_batch(self.model, batch)
+            logits = self.forward_batch(self.model if self.compiled is None else self.compiled, batch)
             loss = self.compute_loss(logits, batch)
         self.scaler.scale(loss).backward()
         self.scaler.step(self.optimizer)
@@ -234,8 +242,21 @@ class Trainer:
         return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
 
     def setup(self) -> None:
-        """Device, precision, network (seeded alike on every rank), optimizer, loss, loader and
-        schedule; then the per-rank augmentation seed."""
+        """Everything of :meth:`setup_model`, then the loader and the schedule; then the per-rank
+        augmentation seed."""
+        self.setup_model()
+        self.steps_per_epoch = ddp.min_across_ranks(self.ctx, len(self.loop.train_loader(1)), self.device)
+        if self.steps_per_epoch < 1:
+            raise MedplanError(f"fold {self.fold} has {len(self.train_cases)} training case(s), fewer than one "
+                               f"batch of {self.batch_size}; lower --batch-size")
+        self.scheduler = build_scheduler(self.optimizer, self.plan.lr_schedule.name,
+                                         self.epochs * self.steps_per_epoch)
+        seed_everything(self.settings.seed + 1000 * self.ctx.rank)  # per-rank augmentation streams
+
+    def setup_model(self) -> None:
+        """Device, precision, network (seeded alike on every rank; channels_last where it pays),
+        optimizer, loss and the compiled forward: what a training step needs besides data and a
+        schedule (benchmarks/bench_train.py times steps of exactly this)."""
         s = self.settings
         self.device = resolve_device(s.device, self.ctx.local_rank)
         configure_backends(s, self.device)
@@ -246,17 +267,15 @@ class Trainer:
 
         seed_everything(s.seed)  # same initial weights on every rank
         net = self.build_network().to(self.device)
+        self.channels_last = use_channels_last(s, net, self.plan.channels, self.internal_size or self.plan.input_size,
+                                               self.device)
+        if self.channels_last:  # conv weights NHWC: cuDNN's layout; activations follow from the first conv
+            net = net.to(memory_format=torch.channels_last)
         self.param_counts = dict(count_parameters(net))
         self.pretrained_report = getattr(net, "pretrained_report", None)  # set by pretrained builders only
         self.model, notes = ddp.wrap_model(net, self.ctx, self.device,
                                            find_unused_parameters=self.find_unused_parameters)
         self.notes += notes
         self.optimizer = self.configure_optimizers(ddp.unwrap(self.model))
+        self.compiled = compile_model(self.model, s.compile) if s.compile else None  # the DDP wrapper, if any
         self.loss_fn = self.build_loss().to(self.device)
-        self.steps_per_epoch = ddp.min_across_ranks(self.ctx, len(self.loop.train_loader(1)), self.device)
-        if self.steps_per_epoch < 1:
-            raise MedplanError(f"fold {self.fold} has {len(self.train_cases)} training case(s), fewer than one "
-                               f"batch of {self.batch_size}; lower --batch-size")
-        self.scheduler = build_scheduler(self.optimizer, self.plan.lr_schedule.name,
-                                         self.epochs * self.steps_per_epoch)
-        seed_everything(s.seed + 1000 * self.ctx.rank)  # per-rank augmentation streams

@@ -62,10 +62,16 @@ class Checkpointer:
         return load_checkpoint(self.run.file(name), map_location=map_location)
 
     def restore(self, trainer: "Trainer", state: dict[str, Any]) -> None:
-        """Put a full state back: weights, optimizer, schedule, scaler, the loop's state and
+        """Put a full state back: weights (into the plain module, compiled or not), optimizer
+        (keeping this device's fused/foreach choice), schedule, scaler, the loop's state and
         this rank's RNG streams (rank 0's, with a warning, when the process count changed)."""
         ddp.unwrap(trainer.model).load_state_dict(state["model"])
-        trainer.optimizer.load_state_dict(state["optimizer"])
+        # this device's kernel, not the one of the device that wrote the file (set before loading,
+        # so torch puts the step counters where that kernel wants them)
+        kernels = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in trainer.optimizer.param_groups]
+        saved = state["optimizer"]
+        trainer.optimizer.load_state_dict({**saved, "param_groups": [{**g, **k} for g, k in
+                                                                     zip(saved["param_groups"], kernels)]})
         trainer.scheduler.load_state_dict(state["scheduler"])
         trainer.scaler.load_state_dict(state["scaler"])
         trainer.state.load_state_dict(state)

@@ -3,17 +3,25 @@
 The bar (with ETA; :func:`medplan.progress.progress_bar`, the one bar of every stage) is shown
 only when stderr is a terminal unless the run asks for it; in batch logs each epoch is one
 summary line, so a 150-epoch run leaves 150 readable lines and no flood of carriage returns.
+Each epoch line (and the bar's label) also says how long the whole run has left
+(:func:`run_eta`), not only the epoch.
 """
 from __future__ import annotations
 
 import logging
 import math
+import statistics
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Sequence
 
 from medplan.io import atomic_write_bytes, with_path
 from medplan.progress import interactive, progress_bar  # noqa: F401 - also imported from here
 from medplan.rundir import read_metrics, write_metrics  # noqa: F401 - metrics.jsonl's format lives with the run folder
+
+if TYPE_CHECKING:  # annotations only: matplotlib is imported when a figure is drawn
+    from matplotlib.figure import Figure
 
 LOG_FORMAT = "%(asctime)s %(message)s"
 DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
@@ -116,8 +124,67 @@ class RunLog:
         self._handlers.clear()
 
 
-def format_epoch_line(record: dict, total_epochs: int) -> str:
-    """One line per epoch: the numbers a user scans for in a log."""
+def format_duration(seconds: float) -> str:
+    """``45s``, ``12m05s``, ``3h07m``, ``2d04h``: short enough for an epoch line."""
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+#: epochs whose times make the per-epoch estimate (the latest ones: the first epoch is often slower)
+ETA_WINDOW = 5
+
+
+@dataclass(frozen=True)
+class RunEta:
+    """Time left for the whole run: to the end of its epoch budget, and to the earliest epoch
+    at which early stopping could end it (None when it cannot end before the budget)."""
+
+    seconds_left: float
+    epoch_seconds: float
+    epochs_left: int
+    earliest_stop_epoch: int | None = None
+    seconds_to_earliest_stop: float | None = None
+
+
+def run_eta(epoch_times: Sequence[float], epochs_done: int, total_epochs: int,
+            patience_left: int | None = None) -> RunEta | None:
+    """The whole run's ETA from the measured epoch times: remaining epochs (up to the budget,
+    ``total_epochs``) x the median of the last :data:`ETA_WINDOW` epoch times. ``patience_left``
+    (early stopping's patience minus its bad epochs so far) gives the earliest end if the
+    monitored metric stops improving. None before any epoch was timed or once the budget is spent."""
+    times = [float(t) for t in epoch_times if t is not None and math.isfinite(float(t)) and float(t) >= 0]
+    left = int(total_epochs) - int(epochs_done)
+    if not times or left <= 0:
+        return None
+    epoch_s = statistics.median(times[-ETA_WINDOW:])
+    earliest = None
+    if patience_left is not None and 0 < patience_left < left:
+        earliest = int(epochs_done) + int(patience_left)
+    return RunEta(seconds_left=left * epoch_s, epoch_seconds=epoch_s, epochs_left=left, earliest_stop_epoch=earliest,
+                  seconds_to_earliest_stop=None if earliest is None else patience_left * epoch_s)
+
+
+def format_eta(eta: RunEta | None) -> str:
+    """``run left ~1h02m (25 epochs x 2m29s)`` or, where early stopping could end it sooner,
+    ``run left <= 1h02m (25 epochs x 2m29s; 12m25s if early stopping ends it at epoch 30)``;
+    empty without an estimate."""
+    if eta is None:
+        return ""
+    per = f"{eta.epochs_left} epoch{'s' if eta.epochs_left != 1 else ''} x {format_duration(eta.epoch_seconds)}"
+    if eta.earliest_stop_epoch is None:
+        return f"run left ~{format_duration(eta.seconds_left)} ({per})"
+    return (f"run left <= {format_duration(eta.seconds_left)} ({per}; {format_duration(eta.seconds_to_earliest_stop)} "
+            f"if early stopping ends it at epoch {eta.earliest_stop_epoch})")
+
+
+def format_epoch_line(record: dict, total_epochs: int, eta: str = "") -> str:
+    """One line per epoch: the numbers a user scans for in a log, then the run's ETA."""
     parts = [f"epoch {record['epoch']:>{len(str(total_epochs))}}/{total_epochs}",
              f"train_loss {record['train_loss']:.4f}"]
     if record.get("val_loss") is not None:
@@ -126,16 +193,22 @@ def format_epoch_line(record: dict, total_epochs: int) -> str:
     parts += [f"lr {record['lr']:.3g}", f"{record['epoch_time']:.1f}s"]
     if record.get("best"):
         parts.append("(best)")
+    if eta:
+        parts.append(f"| {eta}")
     return "  ".join(parts)
 
 
-def plot_progress(history: list[dict], path: Path) -> None:
-    """progress.png: losses, validation mIoU/mDSC and the learning rate against epochs."""
-    if not history:
-        return
-    import io
+def progress_title(dataset: str, arch: str, fold: int | str, lr: float | None = None) -> str:
+    """progress.png's title: which run this is, so a figure copied out of its folder still says."""
+    title = f"{dataset} / {arch} / fold {fold}"
+    return title if lr is None else f"{title} (LR search, lr {lr:g})"
 
+
+def progress_figure(history: list[dict], title: str | None = None) -> "Figure":
+    """The figure of progress.png: losses, validation mIoU/mDSC and the learning rate against
+    whole-numbered epochs, titled with the run (:func:`progress_title`)."""
     from matplotlib.figure import Figure  # no pyplot: no GUI backend, no global state
+    from matplotlib.ticker import MaxNLocator
 
     epochs = [r["epoch"] for r in history]
 
@@ -156,9 +229,23 @@ def plot_progress(history: list[dict], path: Path) -> None:
     ax_lr.plot(epochs, series("lr"), color="tab:gray")
     ax_lr.set_ylabel("learning rate")
     ax_lr.set_xlabel("epoch")
+    ax_lr.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers (shared x axis)
+    if len(set(epochs)) == 1:  # one epoch: matplotlib's default span (+-5%) holds no whole number but it
+        ax_lr.set_xlim(epochs[0] - 1, epochs[0] + 1)
     for ax in (ax_loss, ax_metric, ax_lr):
         ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_progress(history: list[dict], path: Path, title: str | None = None) -> None:
+    """progress.png (:func:`progress_figure`), written atomically; nothing before the first epoch."""
+    if not history:
+        return
+    import io
+
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    progress_figure(history, title).savefig(buf, format="png")
     atomic_write_bytes(path, buf.getvalue())

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 import medplan
+from medplan.trainers.settings import compile_backend, optimizer_kernel_name
 
 if TYPE_CHECKING:  # annotations only: base imports this module
     from medplan.trainers.base import Trainer
@@ -65,6 +66,7 @@ def run_config(t: "Trainer") -> dict[str, Any]:
         "device": str(t.device),
         "device_name": torch.cuda.get_device_name(t.device) if t.device.type == "cuda" else platform.processor() or platform.machine(),
         "amp": None if t.amp_dtype is None else str(t.amp_dtype).replace("torch.", ""),
+        **speed_record(t),
         "world_size": t.ctx.world_size,
         "schedule": {"name": t.plan.lr_schedule.name, "stepped": "per optimizer step",
                      "total_steps": t.epochs * t.steps_per_epoch},
@@ -79,10 +81,18 @@ def run_config(t: "Trainer") -> dict[str, Any]:
     }
 
 
+def speed_record(t: "Trainer") -> dict[str, Any]:
+    """How the run was made fast, none of which changes what it computes beyond rounding:
+    ``compile`` (the torch.compile backend of the training forward, None: eager),
+    ``channels_last`` and ``optimizer_kernel`` (fused, foreach or for-loop)."""
+    return {"compile": compile_backend(t.settings.compile), "channels_last": bool(t.channels_last),
+            "optimizer_kernel": optimizer_kernel_name(t.optimizer) if t.optimizer is not None else None}
+
+
 def resume_entry(t: "Trainer") -> dict[str, Any]:
-    """One item of config.json's ``resumes``."""
+    """One item of config.json's ``resumes`` (a resume may change the speed choices)."""
     return {"time": now(), "after_epoch": t.state.epoch, "command_line": list(sys.argv),
-            "device": str(t.device), "world_size": t.ctx.world_size}
+            "device": str(t.device), "world_size": t.ctx.world_size, **speed_record(t)}
 
 
 def header(t: "Trainer") -> str:
@@ -91,4 +101,6 @@ def header(t: "Trainer") -> str:
     return (f"{type(t).__name__}: {t.dataset} / {t.arch} / fold {t.fold} ({t.settings.stage}): "
             f"{len(t.train_cases)} train, {len(t.val_cases)} val cases; {t.epochs} epochs x "
             f"{t.steps_per_epoch} steps, batch {t.batch_size}, lr {t.lr:g} ({t.lr_source}), "
-            f"device {t.device}, amp {amp}, processes {t.ctx.world_size}, seed {t.settings.seed}")
+            f"device {t.device}, amp {amp}, processes {t.ctx.world_size}, seed {t.settings.seed}"
+            + (f", torch.compile ({compile_backend(t.settings.compile)})" if t.settings.compile else "")
+            + (", channels_last" if t.channels_last else ""))

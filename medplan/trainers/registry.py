@@ -27,8 +27,8 @@ from medplan.trainers.base import Trainer
 
 ENTRY_POINT_GROUP = "medplan.trainers"
 #: the per-architecture trainers of medplan (imported on the first lookup)
-BUILTIN_MODULES = ("medplan.trainers.nnunet", "medplan.trainers.segnext", "medplan.trainers.swin_umamba",
-                   "medplan.trainers.syncsam")
+BUILTIN_MODULES = ("medplan.trainers.nnunet", "medplan.trainers.nnunetv2", "medplan.trainers.segnext",
+                   "medplan.trainers.swin_umamba", "medplan.trainers.syncsam")
 
 T = TypeVar("T", bound=type)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Iterable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -62,6 +63,28 @@ def validation_metrics(t: "Trainer") -> dict | None:
         result = {"loss": loss_sum / max(n, 1), "mIoU": float(metrics["mIoU"]), "mDSC": float(metrics["mDSC"])}
         model.train()
     return ddp.broadcast_object(t.ctx, result)
+
+
+def validation_samples(t: "Trainer", n: int) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """``(case_id, image (C, h, w) uint8, label (h, w), prediction (h, w))`` of the first ``n``
+    validation cases at the planned size, for the overlays a user watches evolve epoch by epoch
+    (always the same cases). The current weights in eval mode, which draws no random numbers, so
+    a run's numbers do not depend on whether anyone watches. Call on rank 0 only."""
+    cases = list(t.val_cases[:n])
+    if not cases:
+        return []
+    model = ddp.unwrap(t.model)
+    model.eval()
+    try:
+        batch = next(iter(iterate_validation(t.data_dir, cases, t.plan, batch_size=len(cases), device=t.device)))
+        labels = logits_to_labels(predict(t, model, batch), t.plan.loss).cpu().numpy().astype(np.uint8)
+    finally:
+        model.train()
+    out = []
+    for i, case_id in enumerate(batch["case_ids"]):
+        image, seg, _ = load_case(t.data_dir, case_id)
+        out.append((case_id, np.asarray(image), np.asarray(seg), labels[i]))
+    return out
 
 
 def write_validation_predictions(t: "Trainer") -> dict:
