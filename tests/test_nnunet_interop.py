@@ -22,7 +22,9 @@ from medplan.cli.convert import main as convert_main
 from medplan.cli.export import main as export_main
 from medplan.datasets import FORMATS, convert_dataset, detect_format, synthetic
 from medplan.errors import MedplanError
+from medplan.evaluation.aggregate import model_table
 from medplan.evaluation.postprocessing import apply_postprocessing, decide_postprocessing
+from medplan.evaluation.report import latex, markdown
 from medplan.interop.nnunet import export_nnunet
 from medplan.interop.postprocessing import keep_largest, read_postprocessing
 from medplan.io import atomic_write_json, atomic_write_png
@@ -325,6 +327,15 @@ def test_postprocessing_keeps_the_largest_component_only_where_it_helps(nnunet_e
     assert np.array_equal(out == 2, pred == 2) and np.array_equal(pred, np.asarray(Image.open(
         model_dir / "fold_0" / "validation" / "case00.png")))  # input untouched
     assert np.array_equal(keep_largest(pred, None) > 0, keep_largest(pred > 0, None))
+
+    # Table 3 shows raw and post-processed mDSC side by side (the latter never marked best)
+    table = model_table("PP", "toy", recompute=True)  # the folds here hold maps, not summaries
+    assert list(table["mDSC_pp"]) == pytest.approx([decision["per_fold"][k]["postprocessed"]["mDSC"]
+                                                    for k in ("0", "1")])
+    assert list(table["mDSC"]) == pytest.approx([decision["per_fold"][k]["raw"]["mDSC"] for k in ("0", "1")])
+    md, tex = markdown(table), latex(table)
+    assert "| mDSC | mDSC pp | mIoU |" in md and "largest-component" in md
+    assert "mDSC & mDSC pp & mIoU" in tex
 
 
 def test_postprocessing_bad_inputs(nnunet_env):

@@ -27,6 +27,7 @@ import pandas as pd
 from medplan import paths, rundir
 from medplan.errors import MedplanError
 from medplan.evaluation.evaluate import evaluate_fold
+from medplan.interop.postprocessing import read_postprocessing
 from medplan.io import atomic_write_json
 from medplan.names import check_name, check_names, inside, is_valid_name
 from medplan.plan import Plan
@@ -34,6 +35,8 @@ from medplan.rundir import FOLD_PREFIX, SUMMARY, RunDir, fold_dirs, fold_of
 from medplan.stagefiles import load_plan
 
 METRICS = ("mDSC", "mIoU", "mRec", "mPrec")
+#: mDSC after the post-processing the folds chose (postprocessing.json), beside the raw mDSC
+POSTPROCESSED = "mDSC_pp"
 DEFAULT_N_FOLDS = 5
 ID_COLUMNS = ("dataset", "arch", "fold", "status", "n_folds", "n_cases", "source", "evaluated_at", "class_names")
 
@@ -167,12 +170,17 @@ def model_table(dataset: str, arch: str, *, results_root: str | Path | None = No
             for i, name in enumerate(names[1:], start=1):
                 row[dice_column(i)] = _num((per_class.get(name) or {}).get("dice"))
         rows.append(row)
+    decision = None if at_input_size else read_postprocessing(model_dir)
+    if decision is not None:  # raw and post-processed side by side, fold by fold
+        for row in rows:
+            pp = (decision.get("per_fold") or {}).get(str(row["fold"]))
+            row[POSTPROCESSED] = _num(pp["postprocessed"]["mDSC"]) if pp and row["status"] == "ok" else np.nan
     return pd.DataFrame(rows)
 
 
 def metric_columns(df: pd.DataFrame) -> list[str]:
     dice = sorted((c for c in df.columns if c.startswith("dice_C")), key=lambda c: int(c[len("dice_C"):]))
-    return [*METRICS, *dice]
+    return [*METRICS, *([POSTPROCESSED] if POSTPROCESSED in df.columns else []), *dice]
 
 
 def fold_status(n_ok: int, n_expected: int, missing: Sequence[Any]) -> str:

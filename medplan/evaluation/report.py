@@ -25,8 +25,8 @@ import numpy as np
 import pandas as pd
 
 from medplan import paths
-from medplan.evaluation.aggregate import (METRICS, dice_column, gather_pointing_game, metric_columns, model_summary,
-                                         pointing_game_summary)
+from medplan.evaluation.aggregate import (METRICS, POSTPROCESSED, dice_column, gather_pointing_game, metric_columns,
+                                         model_summary, pointing_game_summary)
 from medplan.io import atomic_write_bytes
 
 DASH = "–"
@@ -56,7 +56,16 @@ def _table_columns(summary: pd.DataFrame) -> tuple[list[str], int]:
         k = _n_foreground(g)
         if k >= 2:
             n_class = max(n_class, k)
-    return [*METRICS, *(dice_column(i) for i in range(1, n_class + 1))], n_class
+    pp = [POSTPROCESSED] if f"mean_{POSTPROCESSED}" in summary and summary[f"mean_{POSTPROCESSED}"].notna().any() else []
+    return [METRICS[0], *pp, *METRICS[1:], *(dice_column(i) for i in range(1, n_class + 1))], n_class
+
+
+PP_NOTE = ("mDSC pp: after nnU-Net's largest-component post-processing, chosen per class on the same folds "
+           "(postprocessing.json; slightly optimistic), never marked best")
+
+
+def _header(c: str) -> str:
+    return "mDSC pp" if c == POSTPROCESSED else c if c in METRICS else f"C_{c[len('dice_C'):]}"
 
 
 def is_complete(row: pd.Series | dict) -> bool:
@@ -129,7 +138,7 @@ def markdown(df: pd.DataFrame, title: str = "Cross-validation results") -> str:
     """Table 3 in Markdown, the mDSC ranking and the folds behind every number."""
     summary = model_summary(df)
     cols, n_class = _table_columns(summary)
-    head = ["Dataset", "Model", *METRICS, *(f"C_{i}" for i in range(1, n_class + 1)), "Folds"]
+    head = ["Dataset", "Model", *(_header(c) for c in cols), "Folds"]
     lines = [f"# {title}", "",
              "Mean±SD over folds (sample SD, ddof=1), in percent; best per dataset and column in **bold**, "
              "among the models with every fold (a model with missing folds is never marked best). "
@@ -139,7 +148,7 @@ def markdown(df: pd.DataFrame, title: str = "Cross-validation results") -> str:
     for dataset, g in summary.groupby("dataset", sort=True):
         g = g.reset_index(drop=True)
         has_class = _n_foreground(g) >= 2
-        best = {c: best_rows(g, c) for c in cols}
+        best = {c: best_rows(g, c) if c != POSTPROCESSED else set() for c in cols}
         for i, r in g.iterrows():
             cells = [dataset if i == 0 else "", str(r["arch"])]
             for c in cols:
@@ -155,6 +164,8 @@ def markdown(df: pd.DataFrame, title: str = "Cross-validation results") -> str:
     notes = _footnote(summary)
     if notes:
         lines += ["", "Class-wise Dice: " + " | ".join(notes)]
+    if POSTPROCESSED in cols:
+        lines += ["", PP_NOTE + "."]
     evaluated = sorted({str(v) for v in df.get("evaluated_at", pd.Series(dtype=str)) if isinstance(v, str) and v})
     sources = sorted({str(v) for v in df.get("source", pd.Series(dtype=str)) if isinstance(v, str) and v})
     if evaluated or sources:
@@ -197,17 +208,18 @@ def latex(df: pd.DataFrame, caption: str = "Per-dataset metrics (mean$\\pm$sampl
              "% \\usepackage{booktabs}; values in percent, mean$\\pm$sample SD (ddof=1) over folds.",
              r"\begin{table}[t]", r"\centering", f"\\caption{{{caption}}}", r"\label{tab:cv-results}",
              r"\begin{tabular}{ll" + "r" * len(cols) + "}", r"\toprule"]
+    n_metrics = len(cols) - n_class
     if n_class:
-        lines.append(" & & \\multicolumn{4}{c}{} & \\multicolumn{%d}{c}{Class-wise DSC} \\\\" % n_class)
-        lines.append(r"\cmidrule(lr){%d-%d}" % (7, 6 + n_class))
-    lines.append("Dataset & Model & mDSC & mIoU & mRec & mPrec"
-                 + "".join(f" & $C_{i}$" for i in range(1, n_class + 1)) + r" \\")
+        lines.append(" & & \\multicolumn{%d}{c}{} & \\multicolumn{%d}{c}{Class-wise DSC} \\\\" % (n_metrics, n_class))
+        lines.append(r"\cmidrule(lr){%d-%d}" % (3 + n_metrics, 2 + n_metrics + n_class))
+    heads = [f"$C_{{{c[len('dice_C'):]}}}$" if c.startswith("dice_C") else _header(c) for c in cols]
+    lines.append("Dataset & Model & " + " & ".join(heads) + r" \\")
     lines.append(r"\midrule")
     groups = list(summary.groupby("dataset", sort=True))
     for gi, (dataset, g) in enumerate(groups):
         g = g.reset_index(drop=True)
         has_class = _n_foreground(g) >= 2
-        best = {c: best_rows(g, c) for c in cols}
+        best = {c: best_rows(g, c) if c != POSTPROCESSED else set() for c in cols}
         for i, r in g.iterrows():
             arch = tex_escape(r["arch"]) + ("" if is_complete(r) else "$^{*}$")
             cells = [tex_escape(dataset) if i == 0 else "", arch]
@@ -228,7 +240,7 @@ def latex(df: pd.DataFrame, caption: str = "Per-dataset metrics (mean$\\pm$sampl
     lines += [r"\bottomrule", r"\end{tabular}"]
     notes = _footnote(summary)
     incomplete = summary[summary["n_ok"] < summary["n_expected"]]
-    extra = [tex_escape(n) for n in notes]
+    extra = [tex_escape(n) for n in notes] + ([tex_escape(PP_NOTE)] if POSTPROCESSED in cols else [])
     extra += ["$^{*}$ " + tex_escape(f"{r['dataset']} / {r['arch']}: {r['folds']} (partial, never marked best)")
               for _, r in incomplete.iterrows()]
     extra += ["$^\\dagger$ " + tex_escape(f"{r['dataset']} / {r['arch']} C_{c[len('dice_C'):]}: averaged over "
