@@ -28,6 +28,7 @@ from medplan.evaluation.report import latex, markdown
 from medplan.interop.nnunet import export_nnunet
 from medplan.interop.postprocessing import keep_largest, read_postprocessing
 from medplan.io import atomic_write_json, atomic_write_png
+from medplan.report import build_report
 from medplan.plan import make_plan
 from medplan.splits import check_splits
 from medplan.stagefiles import load_splits
@@ -336,6 +337,8 @@ def test_postprocessing_keeps_the_largest_component_only_where_it_helps(nnunet_e
     md, tex = markdown(table), latex(table)
     assert "| mDSC | mDSC pp | mIoU |" in md and "largest-component" in md
     assert "mDSC & mDSC pp & mIoU" in tex
+    html = build_report(nnunet_env / "results", table=table, num_workers=0).read_text()
+    assert ">mDSC pp<" in html
 
 
 def test_postprocessing_bad_inputs(nnunet_env):

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from medplan.errors import MedplanError
-from medplan.evaluation.aggregate import METRICS, dice_column
+from medplan.evaluation.aggregate import METRICS, POSTPROCESSED, dice_column
 from medplan.evaluation.compare import compare_tables
 from medplan.evaluation.report import DASH, best_rows, fewer_folds, is_complete, mean_sd, partial_flag, pct, ranking
 from medplan.report.collect import Study, digest
@@ -40,9 +40,12 @@ def table3(study: Study) -> list[dict[str, Any]]:
     for dataset in study.datasets:
         g = study.summary[study.summary["dataset"] == dataset].reset_index(drop=True)
         names = study.class_names(dataset)
-        cols = list(METRICS) + ([dice_column(i) for i in range(1, len(names) + 1)] if len(names) >= 2 else [])
-        labels = list(METRICS) + [f"C{i}: {n}" for i, n in enumerate(names, start=1)][:len(cols) - len(METRICS)]
-        best = {c: best_rows(g, c) for c in cols}
+        pp = [POSTPROCESSED] if f"mean_{POSTPROCESSED}" in g and g[f"mean_{POSTPROCESSED}"].notna().any() else []
+        metrics = [METRICS[0], *pp, *METRICS[1:]]  # post-processed mDSC beside the raw one, never best
+        cols = metrics + ([dice_column(i) for i in range(1, len(names) + 1)] if len(names) >= 2 else [])
+        labels = [("mDSC pp" if c == POSTPROCESSED else c) for c in metrics] + \
+            [f"C{i}: {n}" for i, n in enumerate(names, start=1)][:len(cols) - len(metrics)]
+        best = {c: best_rows(g, c) if c != POSTPROCESSED else set() for c in cols}
         rows = []
         for i, r in g.iterrows():
             cells = []
