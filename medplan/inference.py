@@ -37,7 +37,7 @@ from medplan.architectures import get_entry, is_model, list_models
 from medplan.errors import MedplanError
 from medplan.interop.nnunetv2 import NnunetPredictor, fold_from_pointer
 from medplan.interop.postprocessing import apply_postprocessing, read_postprocessing
-from medplan.io import atomic_write_png, case_stem, is_image_file, read_image, to_uint8
+from medplan.io import atomic_write_png, case_stem, is_image_file, paint_labels, read_image, to_uint8
 from medplan.metrics import logits_to_probs, probabilities_to_labels
 from medplan.names import check_fold
 from medplan.plan import Plan
@@ -60,12 +60,6 @@ RETIRED_TRAINERS = frozenset({"Internal224Trainer", "HiFormerTrainer", "MISSForm
 #: plan keys every fold of an ensemble must share (they decide the input and the output)
 SHARED_PLAN_KEYS = ("input_size", "channels", "num_classes", "num_outputs", "loss", "normalization")
 
-#: fixed overlay colours per class index (0 = background stays unpainted)
-PALETTE = np.array([
-    (0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
-    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
-    (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
-], dtype=np.uint8)
 
 
 # ---------------------------------------------------------------------------- loading
@@ -360,10 +354,7 @@ def overlay_image(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> 
     img = to_uint8(np.asarray(image))
     if img.ndim == 2:
         img = np.repeat(img[:, :, None], 3, axis=2)
-    img = img[:, :, :3].astype(np.float32)
-    colours = PALETTE[np.asarray(labels, dtype=np.int64) % len(PALETTE)].astype(np.float32)
-    mask = (np.asarray(labels) > 0)[:, :, None]
-    out = np.where(mask, (1 - alpha) * img + alpha * colours, img)
+    out = paint_labels(img[:, :, :3].astype(np.float32), labels, alpha)
     return np.clip(np.round(out), 0, 255).astype(np.uint8)
 
 

@@ -171,6 +171,22 @@ def read_label(path: str | Path) -> np.ndarray:
     return read_image(path)
 
 
+#: fixed overlay colours per class index (0 = background stays unpainted); one table for
+#: medplan_predict's overlays and TensorBoard's validation pictures, so a class keeps its colour
+LABEL_PALETTE = np.array([
+    (0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
+    (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128),
+    (220, 190, 255), (170, 110, 40), (255, 250, 200), (128, 0, 0), (170, 255, 195), (128, 128, 0),
+], dtype=np.uint8)
+
+
+def paint_labels(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """Float ``rgb`` (H, W, 3) with each foreground class blended in its palette colour."""
+    colours = LABEL_PALETTE[np.asarray(labels, dtype=np.int64) % len(LABEL_PALETTE)].astype(np.float32)
+    mask = (np.asarray(labels) > 0)[:, :, None]
+    return np.where(mask, (1 - alpha) * rgb + alpha * colours, rgb)
+
+
 def to_uint8(array: np.ndarray, window: tuple[float, float] | None = None) -> np.ndarray:
     """Map intensities to uint8, leaving uint8 input untouched.
 

@@ -19,6 +19,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from medplan.io import paint_labels
+
 #: the folder of a run's event files, inside its fold folder
 TENSORBOARD_DIR = "tensorboard"
 #: how TensorBoard names its event files
@@ -32,9 +34,6 @@ IMAGES_PER_S_TAG, GPU_MEMORY_TAG, OVERLAY_TAG = "train/images_per_s", "gpu/peak_
 OVERLAY_CASES = 4
 #: longest side of one overlay tile (larger inputs are subsampled: event files stay small)
 OVERLAY_TILE = 192
-#: label colours (class index modulo its length; 0, the background, stays unpainted)
-LABEL_COLOURS = np.array([(0, 0, 0), (230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (245, 130, 48),
-                          (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60)], dtype=np.float32)
 
 Sample = tuple[str, np.ndarray, np.ndarray, np.ndarray]  # case id, image (C, h, w), label, prediction
 
@@ -66,13 +65,6 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
     return np.moveaxis(image, 0, -1)
 
 
-def paint(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """``rgb`` with each foreground class blended in its colour."""
-    colours = LABEL_COLOURS[np.asarray(labels, dtype=np.int64) % len(LABEL_COLOURS)]
-    mask = (np.asarray(labels) > 0)[:, :, None]
-    return np.where(mask, (1 - alpha) * rgb + alpha * colours, rgb)
-
-
 def overlay_panel(samples: Sequence[Sample], tile: int = OVERLAY_TILE) -> np.ndarray:
     """One (H, W, 3) uint8 picture: a row per case of image | ground truth | prediction, each
     subsampled to at most ``tile`` pixels a side, with a 2-pixel white gap."""
@@ -81,7 +73,7 @@ def overlay_panel(samples: Sequence[Sample], tile: int = OVERLAY_TILE) -> np.nda
         rgb = to_rgb(image)
         step = max(1, -(-max(rgb.shape[:2]) // tile))
         rgb, label, pred = rgb[::step, ::step], np.asarray(label)[::step, ::step], np.asarray(pred)[::step, ::step]
-        tiles = [rgb, paint(rgb, label), paint(rgb, pred)]
+        tiles = [rgb, paint_labels(rgb, label), paint_labels(rgb, pred)]
         gap = np.full((rgb.shape[0], 2, 3), 255.0, np.float32)
         rows.append(np.concatenate([tiles[0], gap, tiles[1], gap, tiles[2]], axis=1))
     width = max(r.shape[1] for r in rows)
