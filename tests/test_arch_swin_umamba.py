@@ -142,6 +142,7 @@ def test_no_warm_up_from_scratch(tmp_path):
                                             lr=1e-3, lr_source="test")
     optimizer = trainer.configure_optimizers(trainer.build_network())
     assert [(g["weight_decay"], g["eps"]) for g in optimizer.param_groups] == [(0.05, 1e-5)]
+    assert isinstance(optimizer, torch.optim.AdamW) and optimizer.param_groups[0]["foreach"]  # not the for-loop
     assert not trainer.encoder_frozen(1) and not trainer.find_unused_parameters
     assert any("no frozen-encoder warm-up" in d for d in trainer.notes)
     assert any("weight_decay 0.05" in d for d in trainer.notes)

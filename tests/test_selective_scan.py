@@ -97,10 +97,11 @@ def test_cuda_kernel_matches_the_pytorch_scan(monkeypatch):
         torch.testing.assert_close(g_k[name], g_t[name], rtol=2e-3, atol=2e-3, msg=f"gradient of {name}")
 
 
-@pytest.mark.parametrize("block", [1, 40, 200])
+@pytest.mark.parametrize("block", [1, 40, 200, 1000])
 def test_blocks_of_channels_and_batch_items_give_the_same_scan(monkeypatch, block):
     # a tiny block budget splits the work by channel (40: several per block; 1: one channel and one
-    # batch item per block; 200: whole groups and several batch items), forward and gradients
+    # batch item per block; 200: both groups of one batch item; 1000: several batch items), forward and
+    # gradients
     monkeypatch.setattr(ss, "BLOCK_ELEMENTS", block)
     names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"]
     results = []
@@ -114,6 +115,21 @@ def test_blocks_of_channels_and_batch_items_give_the_same_scan(monkeypatch, bloc
     torch.testing.assert_close(state, ref_state, rtol=1e-10, atol=1e-10)
     for name, g_ref, g in zip(names, ref_grads, grads):
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-9, msg=f"gradient of {name}")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_blocks_give_the_cpu_scan():
+    # on a GPU the chunked scan takes several groups and batch items per block (GPU_BLOCK_ELEMENTS);
+    # forward and gradients must equal the CPU's small blocks, in float64
+    results = []
+    for device in ("cpu", "cuda"):
+        x = {k: v.clone().requires_grad_(True) for k, v in _inputs(b=3, d=32, n=8, length=300, groups=4,
+                                                                     device=device).items()}
+        out, state = selective_scan_chunked(**x, delta_softplus=True, return_last_state=True)
+        (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype, device=device).view_as(out)).sum().backward()
+        results.append([t.detach().cpu() for t in (out, state, *(x[k].grad for k in sorted(x)))])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-9, atol=1e-9)
 
 
 def test_autograd_keeps_no_per_step_states():

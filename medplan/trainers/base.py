@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -164,12 +165,17 @@ class Trainer:
         the groups so that unfreezing them later needs no new optimizer."""
         return model_parameter_groups(self.arch, model, self.lr)
 
-    def configure_optimizers(self, model: nn.Module) -> torch.optim.Optimizer:
+    def optimizer_options(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+        """The optimizer class and its settings besides parameters, LR and kernel: a trainer that
+        follows its authors' recipe changes them here and keeps the fused/foreach kernel."""
         cfg = self.plan.optimizer  # its name is AdamW or Adam (any case), checked with the plan
         optimizer = torch.optim.Adam if cfg.name.lower() == "adam" else torch.optim.AdamW
+        return optimizer, {"weight_decay": float(cfg.weight_decay), "betas": tuple(cfg.betas)}
+
+    def configure_optimizers(self, model: nn.Module) -> torch.optim.Optimizer:
+        optimizer, options = self.optimizer_options()
         groups = self.parameter_groups(model)
-        return optimizer(groups, lr=self.lr, weight_decay=float(cfg.weight_decay), betas=tuple(cfg.betas),
-                         **optimizer_kernels(p for g in groups for p in g["params"]))
+        return optimizer(groups, lr=self.lr, **options, **optimizer_kernels(p for g in groups for p in g["params"]))
 
     def build_loss(self) -> nn.Module:
         return build_loss(self.plan, self.class_weights)

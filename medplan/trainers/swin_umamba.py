@@ -57,10 +57,9 @@ class SwinUMambaTrainer(Trainer):
                               "nnUNetTrainerSwinUMambaScratch)")
         return model
 
-    def configure_optimizers(self, model: nn.Module) -> torch.optim.Optimizer:
-        betas = tuple(self.plan.optimizer.betas)
-        return torch.optim.AdamW(self.parameter_groups(model), lr=self.lr, weight_decay=self.weight_decay,
-                                 eps=self.adam_eps, betas=betas)
+    def optimizer_options(self) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+        _, options = super().optimizer_options()
+        return torch.optim.AdamW, {**options, "weight_decay": self.weight_decay, "eps": self.adam_eps}
 
     def encoder_frozen(self, epoch: int) -> bool:
         """Whether epoch ``epoch`` (1-based) trains with the encoder frozen."""
