@@ -189,7 +189,8 @@ def external_arch(fold_dir: str | Path) -> str | None:
 
 
 def load_external_folds(fold_dirs: Sequence[str | Path], checkpoint: str = "best",
-                        device: str | torch.device = "cpu", batch_size: int | None = None) -> NnunetPredictor:
+                        device: str | torch.device = "cpu", batch_size: int | None = None,
+                        tta: bool = False) -> NnunetPredictor:
     """nnunetv2 folds as one predictor (nnU-Net's): each fold's ``checkpoint_*.pt`` names nnU-Net's
     model folder and checkpoint; every fold must share the plan and the nnU-Net trainer."""
     folds, plan, trainer = [], None, None
@@ -206,7 +207,7 @@ def load_external_folds(fold_dirs: Sequence[str | Path], checkpoint: str = "best
                                "ensemble folds of one plan only", path)
         plan, trainer = fold_plan, fold_trainer
         folds.append(fold_from_pointer(run.path, pointer, path))
-    return NnunetPredictor(folds, plan, trainer, device=device, batch_size=batch_size)
+    return NnunetPredictor(folds, plan, trainer, device=device, batch_size=batch_size, tta=tta)
 
 
 # ---------------------------------------------------------------------------- predictor
@@ -275,7 +276,7 @@ class Predictor:
         dev = _resolve_device(device)
         fold_dirs = resolve_fold_dirs(path, folds, checkpoint)
         if external_arch(fold_dirs[0]):
-            return load_external_folds(fold_dirs, checkpoint, dev, batch_size)
+            return load_external_folds(fold_dirs, checkpoint, dev, batch_size, tta)
         return cls([load_fold(d, checkpoint, dev) for d in fold_dirs], device=dev, tta=tta,
                    batch_size=batch_size, amp=amp)
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from medplan.errors import MedplanError
-from medplan.evaluation.metrics import (
+from medplan.metrics import (
     MetricAccumulator,
     confusion_counts,
     logits_to_labels,

@@ -146,10 +146,14 @@ def test_nnunetv2_trains_a_fold_and_sits_beside_unet_small(toy, capsys):
     result = paired_comparison("TOY", "nnunetv2", "unet_small", n_boot=200)
     assert len(result["cases"]) == 3
 
-    # medplan_predict through nnU-Net's predictor: the same maps for the same images
+    # medplan_predict through nnU-Net's predictor: with --tta (nnU-Net's mirroring, which its own
+    # validation uses) the same maps for the same images; without, no mirroring, as for every arch
     predictor = Predictor.from_folder(fold.parent, device="cpu")
     assert type(predictor).__name__ == "NnunetPredictor"
-    out = predict_folder(fold.parent, toy / "raw" / "TOY" / "images", toy / "pred", device="cpu", progress=False)
+    assert not predictor.tta and not predictor.predictor.use_mirroring
+    assert Predictor.from_folder(fold.parent, device="cpu", tta=True).predictor.use_mirroring
+    out = predict_folder(fold.parent, toy / "raw" / "TOY" / "images", toy / "pred", device="cpu", tta=True,
+                         progress=False)
     assert len(out) == 9
     for case in config["val_cases"]:
         assert np.array_equal(_png(toy / "pred" / f"{case}.png"), _png(fold / "validation" / f"{case}.png"))

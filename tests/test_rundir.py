@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from medplan.errors import MedplanError
-from medplan.evaluation.metrics import logits_to_labels, logits_to_probs, probabilities_to_labels
+from medplan.metrics import logits_to_labels, logits_to_probs, probabilities_to_labels
 from medplan.io import atomic_write_json
 from medplan.plan import make_plan
 from medplan.rundir import (BEST, CHECKPOINTS, CONFIG, FINAL, LATEST, LOG, METRICS, RUN_FILES, STARTED_FILES, SUMMARY,

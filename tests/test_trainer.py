@@ -312,4 +312,5 @@ def test_run_eta_counts_remaining_epochs_at_the_measured_epoch_time():
     assert run_eta([100.0] * 4, epochs_done=4, total_epochs=10, patience_left=30).earliest_stop_epoch is None
     assert run_eta([], epochs_done=0, total_epochs=10) is None and run_eta([5.0], 10, 10) is None
     assert format_eta(None) == ""
-    assert [format_duration(s) for s in (0, 59.4, 61, 3600, 90061)] == ["0s", "59s", "1m01s", "1h00m", "1d01h"]
+    assert [format_duration(s) for s in (0, 0.25, 4.5, 9.96, 59.4, 61, 3600, 90061)] == [
+        "0s", "0.2s", "4.5s", "10s", "59s", "1m01s", "1h00m", "1d01h"]

@@ -248,7 +248,7 @@ class NnunetPredictor:
     folds' weights averaged, every image at its original size."""
 
     def __init__(self, folds: list[NnunetFold], plan: Plan, trainer: str, *, device: str | torch.device = "cpu",
-                 batch_size: int | None = None):
+                 batch_size: int | None = None, tta: bool = True):
         require_nnunetv2()
         from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
         from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
@@ -272,14 +272,16 @@ class NnunetPredictor:
         network = trainer_class(trainer).build_network_architecture(
             manager, conf, channels, heads, enable_deep_supervision=False)
         self.device = torch.device(device) if not isinstance(device, torch.device) else device
-        self.predictor = nnUNetPredictor(device=self.device, allow_tqdm=False)
+        # tta: nnU-Net's mirroring along the axes its trainer allows (its own validation mirrors;
+        # medplan_predict mirrors only with --tta, as for every architecture)
+        self.predictor = nnUNetPredictor(device=self.device, allow_tqdm=False, use_mirroring=bool(tta))
         self.predictor.manual_initialization(network, manager, conf, [s["network_weights"] for s in states],
                                              dataset_json, states[0]["trainer_name"],
                                              states[0].get("inference_allowed_mirroring_axes"))
         network.load_state_dict(states[0]["network_weights"])
         self.batch_size = int(batch_size or 1)
         self.channels, self.class_names = plan.channels, plan.class_names
-        self.num_classes, self.input_size, self.tta = plan.num_classes, plan.input_size, True
+        self.num_classes, self.input_size, self.tta = plan.num_classes, plan.input_size, bool(tta)
 
     def load(self, image: Any) -> np.ndarray:
         """Path or array -> uint8 (H, W[, C]) (the plan's window for >8-bit images)."""

@@ -12,13 +12,10 @@ import numpy as np
 from PIL import Image
 
 from medplan.errors import MedplanError
-from medplan.io import atomic_write_bytes, read_image, read_label, to_uint8
+from medplan.io import atomic_write_bytes, paint_labels, read_image, read_label, to_uint8
 
 #: height of each panel of a strip (pixels)
 THUMB = 120
-#: class colours (RGB) for overlays, class 1 first
-PALETTE = np.array([(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-                    (70, 240, 240), (240, 50, 230)], dtype=np.float32)
 
 
 def source_key(paths: Sequence[Path]) -> list:
@@ -48,17 +45,12 @@ def _thumb(rgb: np.ndarray) -> Image.Image:
 
 
 def overlay(rgb: np.ndarray, labels: np.ndarray, alpha: float = 0.45) -> np.ndarray:
-    """Classes painted over the image (class 0 left clear)."""
-    out = rgb.astype(np.float32).copy()
+    """Classes painted over the image (class 0 left clear) in medplan's one label palette, as
+    medplan_predict's overlays and TensorBoard's pictures show them."""
     if labels.shape != rgb.shape[:2]:  # a prediction at another size: nearest-neighbour to the image's
         labels = np.asarray(Image.fromarray(labels.astype(np.uint8)).resize((rgb.shape[1], rgb.shape[0]),
                                                                             Image.NEAREST))
-    for c in np.unique(labels):
-        if c == 0:
-            continue
-        mask = labels == c
-        out[mask] = (1 - alpha) * out[mask] + alpha * PALETTE[(int(c) - 1) % len(PALETTE)]
-    return out.clip(0, 255).astype(np.uint8)
+    return paint_labels(rgb.astype(np.float32), labels, alpha).clip(0, 255).astype(np.uint8)
 
 
 def _strip(panels: list[Image.Image]) -> bytes:

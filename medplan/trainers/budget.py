@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Callable
 import torch
 
 from medplan.errors import MedplanError
+from medplan.trainers.progress import format_duration
 from medplan.trainers.settings import mixed_precision, resolve_device
 
 if TYPE_CHECKING:  # annotations only: base imports what this module imports
@@ -157,14 +158,6 @@ def format_bytes(n: float) -> str:
     return f"{n / 2**30:.1f} GB" if n >= 2**30 else f"{n / 2**20:.0f} MB"
 
 
-def format_seconds(s: float) -> str:
-    if s < 90:
-        return f"{s:.1f} s" if s < 10 else f"{s:.0f} s"
-    if s < 5400:
-        return f"{s / 60:.0f} min"
-    return f"{s / 3600:.1f} h" if s < 48 * 3600 else f"{s / 86400:.1f} days"
-
-
 @dataclass(frozen=True)
 class Estimate:
     """What a probe predicts for one run (``peak_bytes``/``available_bytes`` None: not known)."""
@@ -222,9 +215,9 @@ class Estimate:
         """One line: memory, time per step, per epoch and for the whole run, and how it was estimated."""
         runs = f" x {self.runs} runs" if self.runs > 1 else ""
         val = f" + {self.val_images} validation images" if self.val_images else ""
-        return (f"estimate for {self.what()}: {self.memory_text()}; ~{format_seconds(self.step_s)} per step, "
-                f"~{format_seconds(self.epoch_s)} per epoch ({_count(self.steps_per_epoch, 'step')}{val}), "
-                f"~{format_seconds(self.run_s)} for {_count(self.epochs, 'epoch')}{runs} (early stopping may end "
+        return (f"estimate for {self.what()}: {self.memory_text()}; ~{format_duration(self.step_s)} per step, "
+                f"~{format_duration(self.epoch_s)} per epoch ({_count(self.steps_per_epoch, 'step')}{val}), "
+                f"~{format_duration(self.run_s)} for {_count(self.epochs, 'epoch')}{runs} (early stopping may end "
                 "it sooner) "
                 f"[{self.how}; network only, data loading not included]")
 

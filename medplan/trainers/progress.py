@@ -125,7 +125,10 @@ class RunLog:
 
 
 def format_duration(seconds: float) -> str:
-    """``45s``, ``12m05s``, ``3h07m``, ``2d04h``: short enough for an epoch line."""
+    """``0.3s``, ``45s``, ``12m05s``, ``3h07m``, ``2d04h``: short enough for an epoch line; medplan's
+    one duration format (epoch lines, ETAs and the memory/time estimate before training)."""
+    if 0 < seconds < 9.95:  # a step of a fraction of a second is not "0s"
+        return f"{seconds:.1f}".rstrip("0").rstrip(".") + "s"
     s = max(0, int(round(seconds)))
     if s < 60:
         return f"{s}s"
