@@ -37,7 +37,7 @@ from medplan.architectures import get_entry, is_model, list_models
 from medplan.errors import MedplanError
 from medplan.interop.nnunetv2 import NnunetPredictor, fold_from_pointer
 from medplan.interop.postprocessing import apply_postprocessing, read_postprocessing
-from medplan.io import atomic_write_png, case_stem, is_image_file, paint_labels, read_image, to_uint8
+from medplan.io import atomic_write_png, case_stem, images_by_case, paint_labels, read_image, to_uint8
 from medplan.metrics import logits_to_probs, probabilities_to_labels
 from medplan.names import check_fold
 from medplan.plan import Plan
@@ -364,15 +364,9 @@ def list_images(input_dir: str | Path) -> list[Path]:
     input_dir = Path(input_dir)
     if not input_dir.is_dir():
         raise MedplanError("input folder not found", input_dir)
-    files = sorted(p for p in input_dir.iterdir() if is_image_file(p))
+    files = list(images_by_case(input_dir).values())
     if not files:
         raise MedplanError("no images in this folder (PNG, JPEG, TIFF, BMP, .mhd, .nii.gz, ...)", input_dir)
-    seen: dict[str, Path] = {}
-    for p in files:
-        stem = case_stem(p)
-        if stem in seen:
-            raise MedplanError(f"two images share the case name {stem!r} ({seen[stem].name})", p)
-        seen[stem] = p
     return files
 
 

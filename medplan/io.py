@@ -15,7 +15,7 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Any, BinaryIO, Iterator, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Sequence
 
 import numpy as np
 from PIL import Image
@@ -45,6 +45,20 @@ def case_stem(path: str | Path) -> str:
 
 def is_image_file(path: str | Path) -> bool:
     return Path(path).is_file() and image_suffix(path) in IMAGE_SUFFIXES and not Path(path).name.startswith(".")
+
+
+def images_by_case(folder: str | Path, what: str = "image", *, skip: Callable | None = None) -> dict[str, Path]:
+    """Case id (name without image suffix) -> image file of ``folder``, sorted: the one rule by which
+    raw data, predictions and inputs pair up. Two files of one case are an error naming both."""
+    found: dict[str, Path] = {}
+    for path in sorted(Path(folder).iterdir()):
+        if not is_image_file(path) or (skip is not None and skip(path)):
+            continue
+        stem = case_stem(path)
+        if stem in found:
+            raise MedplanError(f"two {what} files for case {stem!r} ({found[stem].name}, {path.name})", path)
+        found[stem] = path
+    return found
 
 
 def read_image(path: str | Path) -> np.ndarray:

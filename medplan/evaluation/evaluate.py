@@ -22,7 +22,7 @@ import numpy as np
 from medplan.datasets import resolve_raw_dataset
 from medplan.errors import MedplanError
 from medplan.inference import Predictor, predict_folder
-from medplan.io import atomic_write_json, case_stem, is_image_file, read_json, read_label
+from medplan.io import atomic_write_json, images_by_case, read_json, read_label
 from medplan.metrics import MetricAccumulator, summary_dict
 from medplan.names import check_names
 from medplan.paths import raw_dir, results_dir
@@ -185,15 +185,7 @@ def label_files(folder: str | Path, what: str) -> dict[str, Path]:
     folder = Path(folder)
     if not folder.is_dir():
         raise MedplanError(f"{what} folder not found", folder)
-    files: dict[str, Path] = {}
-    for p in sorted(folder.iterdir()):
-        if not is_image_file(p) or p.name.endswith("_overlay.png"):
-            continue
-        stem = case_stem(p)
-        if stem in files:
-            raise MedplanError(f"two {what} files for case {stem!r} ({files[stem].name})", p)
-        files[stem] = p
-    return files
+    return images_by_case(folder, what, skip=lambda p: p.name.endswith("_overlay.png"))
 
 
 def match_folders(pred_dir: str | Path, gt_dir: str | Path, cases: Iterable[str] | None = None) -> list[Pair]:
