@@ -8,7 +8,8 @@ the sector-scan evidence and, when the caller hands in an array writer (:class:`
 the pipeline hands in :class:`medplan.preprocessing.CaseArrays`), the resized arrays, so this
 module knows nothing of the array format. Workers hand back small records, never pixels; the
 per-case histograms, needed to leave duplicates out of the statistics once they are known, go
-to a temporary memory-mapped file, so memory does not grow with the number of images.
+to a temporary memory-mapped file, so memory does not grow with the number of images. Images
+medplan_convert decodes anyway get their records there (:class:`ConvertScan`), not decoded again.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import contextlib
 import errno
 import os
 import tempfile
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Iterable, Protocol, Sequence
@@ -86,20 +88,36 @@ def _scan_case(task: tuple) -> dict:
 def _scan(case_id: str, image_path: Path, label_path: Path, opt: dict) -> dict:
     with os_errors(image_path, "read"):
         data = image_path.read_bytes()
-    image = decode_image(data, image_path)  # the one decode; a PIL image when 8-bit gray or RGB
-    if isinstance(image, np.ndarray):  # anything else: checked as an array, then a PIL image
+    image = _checked_image(decode_image(data, image_path), image_path, opt["channels"])  # the one decode
+    return scan_pixels(case_id, image, data, read_label(label_path), opt, image_path, label_path)
+
+
+def _checked_image(image: Image.Image | np.ndarray, path: Path | None, channels: int | None) -> Image.Image:
+    """An 8-bit gray or RGB image (decoded PIL image, or an array checked, then wrapped) with the
+    channels dataset.json declares (``None``: not known yet); else the one-line error."""
+    if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
-            raise MedplanError(f"expected an 8-bit image, got {image.dtype}", image_path)
+            raise MedplanError(f"expected an 8-bit image, got {image.dtype}", path)
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[:, :, 0]
         if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] == 3)):
-            raise MedplanError(f"expected a gray or RGB image, got shape {image.shape}", image_path)
+            raise MedplanError(f"expected a gray or RGB image, got shape {image.shape}", path)
         image = Image.fromarray(np.ascontiguousarray(image), mode="L" if image.ndim == 2 else "RGB")
     stored = 1 if image.mode == "L" else 3
+    if channels is not None and stored != channels:
+        raise MedplanError(f"image has {stored} channel(s) but dataset.json declares {channels}", path)
+    return image
+
+
+def scan_pixels(case_id: str, image: Image.Image | np.ndarray, data: bytes, label: np.ndarray, opt: dict,
+                image_path: Path | None = None, label_path: Path | None = None) -> dict:
+    """The fingerprint record of one case from pixels already in memory: the one function that
+    computes records, for the fingerprint pass (the raw file decoded) and for medplan_convert
+    (:class:`ConvertScan`: the uint8 image it just encoded as ``data``, so it is not decoded
+    again). ``opt``: channels (or None), n_classes, hash_name, hash_size, arrays (or None)."""
+    image = _checked_image(image, image_path, opt["channels"])
+    stored = 1 if image.mode == "L" else 3
     w, h = image.size
-    if opt["channels"] is not None and stored != opt["channels"]:
-        raise MedplanError(f"image has {stored} channel(s) but dataset.json declares {opt['channels']}", image_path)
-    label = read_label(label_path)  # a palette PNG's indices are its classes
     if label.ndim != 2:
         raise MedplanError(f"label must be a single-channel (class index) image, got shape {label.shape}", label_path)
     if label.dtype != np.uint8:
@@ -131,6 +149,98 @@ def _scan(case_id: str, image_path: Path, label_path: Path, opt: dict) -> dict:
         "color_share": color_share, "is_gray": is_gray, "border_black": border_black,
         "array_channels": array_channels,
     }
+
+
+@dataclass(frozen=True)
+class PixelScanner:
+    """In medplan_convert's workers (picklable): the record of an image it encoded as PNG ``data``;
+    ``None`` where :func:`scan_pixels` refuses it (the fingerprint pass then reports it, as always)."""
+
+    hash_name: str
+    hash_size: int
+    arrays: ArrayWriter | None
+
+    def __call__(self, case_id: str, image: np.ndarray, data: bytes, label: np.ndarray | Path,
+                 n_classes: int) -> dict | None:
+        opt = {"channels": None, "n_classes": int(n_classes), "hash_name": self.hash_name,
+               "hash_size": self.hash_size, "arrays": self.arrays}
+        try:  # a label the converter copied undecoded is read here, as the fingerprint pass reads it
+            label = label if isinstance(label, np.ndarray) else read_label(label)
+            return scan_pixels(case_id, image, data, label, opt)
+        except (MedplanError, OSError):
+            return None
+
+
+class ConvertScan:
+    """Records medplan_convert computes from the pixels it decodes anyway: the pipeline hands one to
+    the auto-import of a download, then to :func:`fingerprint_dataset`, which scans only the other
+    cases. Never read back from a file: histograms go to an unlinked temporary file (flat memory)."""
+
+    def __init__(self, out_dir: str | Path, *, hash_name: str = DEFAULT_HASH, hash_size: int = DEFAULT_HASH_SIZE,
+                 threshold: int = DEFAULT_THRESHOLD, arrays: ArrayWriter | None = None):
+        check_hash_options(hash_name, hash_size, threshold)  # before the convert, not after it
+        self.out_dir, self.arrays = Path(out_dir), arrays
+        self._scanner = PixelScanner(hash_name, int(hash_size), arrays)
+        self.raw_dir: Path | None = None  # set once the convert has swapped the dataset in
+        self._records: dict[str, tuple[int, dict]] = {}  # case id -> (histogram row, record)
+        self._stamps, self._spool, self._rows = {}, None, 0
+
+    @property
+    def scanner(self) -> PixelScanner:
+        """What the converter runs per case (taken when a convert starts)."""
+        preload_hash(self._scanner.hash_name)  # before the converter's workers fork
+        return self._scanner
+
+    def add(self, case_id: str, record: dict) -> None:
+        """Keep a worker's record of ``case_id`` (in the converting process)."""
+        hist = np.ascontiguousarray(record.pop("hist"), dtype=np.uint32)
+        if hist.shape != (4, 256) or record.get("case_id") != case_id:
+            return  # not a record of this case: the fingerprint pass scans it
+        with os_errors(self.out_dir, "write"):
+            if self._spool is None:
+                self.out_dir.mkdir(parents=True, exist_ok=True)
+                self._spool = tempfile.TemporaryFile(dir=self.out_dir, prefix=".fingerprint_fused.", suffix=".tmp")
+            self._spool.write(hist.tobytes())
+        self._records[case_id] = (self._rows, record)
+        self._rows += 1
+
+    def drop(self, case_id: str) -> None:
+        """The converter changed the case's image after its record (a gray image stored as RGB)."""
+        self._records.pop(case_id, None)
+
+    def done(self, raw_dir: str | Path) -> None:
+        """The convert succeeded: the records describe the files in ``raw_dir`` as they are now."""
+        self.raw_dir = Path(raw_dir).resolve()
+        self._stamps = {c: _stamps(self.raw_dir / "images" / f"{c}.png", self.raw_dir / "labels" / f"{c}.png")
+                        for c in self._records}
+
+    def records_for(self, raw: RawIndex, opt: dict) -> tuple[dict[str, tuple[int, dict]], np.ndarray | None]:
+        """``({case_id: (row, record)}, histograms)`` usable for ``raw`` scanned with ``opt``: none
+        unless ``raw`` is the dataset this object's convert wrote, with the same options."""
+        if not (self.raw_dir is not None and Path(raw.raw_dir).resolve() == self.raw_dir and self._rows
+                and opt["hash_name"] == self._scanner.hash_name and opt["hash_size"] == self._scanner.hash_size
+                and opt["arrays"] == self.arrays):
+            return {}, None
+        n_classes, ids = len(raw.labels), set(raw.case_ids)
+        usable = {c: (row, rec) for c, (row, rec) in self._records.items() if c in ids
+                  and (raw.channels is None or rec["channels"] == raw.channels) and len(rec["label_counts"]) == n_classes
+                  and self._stamps.get(c, ()) == _stamps(raw.image_paths[c], raw.label_paths[c])}  # unchanged
+        with os_errors(self.out_dir, "read"):
+            self._spool.flush()
+        return usable, np.memmap(self._spool, dtype=np.uint32, mode="r", shape=(self._rows, 4, 256))
+
+    def close(self) -> None:
+        if self._spool is not None:
+            self._spool.close()
+            self._spool = None
+        self._records.clear()
+
+
+def _stamps(*paths: Path) -> tuple | None:
+    """Size, modification time and inode of files (None if one is gone): whether they changed."""
+    with contextlib.suppress(OSError):
+        return tuple((st.st_size, st.st_mtime_ns, st.st_ino) for st in map(os.stat, paths))
+    return None
 
 
 def _pixel_digest_of(path: Path) -> str:
@@ -215,13 +325,15 @@ def _stats_from_hist(hist: np.ndarray) -> dict[str, float]:
 def fingerprint_dataset(raw_dir: str | Path, out_dir: str | Path, *, hash_name: str = DEFAULT_HASH,
                         hash_size: int = DEFAULT_HASH_SIZE, threshold: int = DEFAULT_THRESHOLD,
                         arrays: ArrayWriter | None = None, num_workers: int | None = None,
-                        progress: bool = True) -> dict:
+                        progress: bool = True, precomputed: ConvertScan | None = None) -> dict:
     """Inspect a raw dataset, find duplicates and (optionally) write the arrays, in one pass.
 
     Writes ``out_dir/duplicates.csv`` and ``out_dir/fingerprint.json`` (atomically, after the
     whole pass succeeded) and returns the fingerprint. With ``arrays`` (an :class:`ArrayWriter`,
     e.g. ``medplan.preprocessing.CaseArrays.at(out_dir, (512, 512))``), the arrays are written
-    for every kept case in the same pass, from the one decode of each image.
+    for every kept case in the same pass, from the one decode of each image. ``precomputed``:
+    the records the convert that wrote ``raw_dir`` computed (:class:`ConvertScan`); only the
+    other cases are decoded, with the same result.
     """
     check_hash_options(hash_name, hash_size, threshold)
     raw = load_raw_index(raw_dir)
@@ -233,9 +345,11 @@ def fingerprint_dataset(raw_dir: str | Path, out_dir: str | Path, *, hash_name: 
            "hash_size": int(hash_size), "arrays": arrays}
     ids = raw.case_ids
     n = len(ids)
-    tasks = [(c, str(raw.image_paths[c]), str(raw.label_paths[c]), opt) for c in ids]
+    done, done_hists = ({}, None) if precomputed is None else precomputed.records_for(raw, opt)
+    todo = [i for i, c in enumerate(ids) if c not in done]
+    tasks = [(ids[i], str(raw.image_paths[ids[i]]), str(raw.label_paths[ids[i]]), opt) for i in todo]
     preload_hash(hash_name)  # before the workers fork
-    records: list[dict] = []
+    records: list[dict] = [{}] * n
     with os_errors(out_dir, "write"):
         tmp = tempfile.TemporaryFile(dir=out_dir, prefix=".fingerprint_hist.", suffix=".tmp")
     with tmp:
@@ -243,15 +357,19 @@ def fingerprint_dataset(raw_dir: str | Path, out_dir: str | Path, *, hash_name: 
         _reserve(tmp, int(np.prod(shape)) * 4, out_dir)
         hists = np.memmap(tmp, dtype=np.uint32, mode="w+", shape=shape)
         try:
+            for i, c in enumerate(ids):
+                if c in done:
+                    hists[i] = done_hists[done[c][0]]
+                    records[i] = dict(done[c][1])
             with contextlib.closing(run_tasks(_scan_case, tasks, num_workers=num_workers, desc="fingerprint",
                                               progress=progress)) as results:
-                for i, rec in enumerate(results):
+                for i, rec in zip(todo, results, strict=True):
                     if rec["error"] is not None:
                         if "os_error" in rec:
                             raise os_error_from_record(rec["os_error"])
                         raise MedplanError(rec["error"])
                     hists[i] = rec.pop("hist")
-                    records.append(rec)
+                    records[i] = rec
         except BaseException:
             if arrays is not None:  # arrays of the workers the pool stopped mid-write (joined by now)
                 arrays.discard_partial()
@@ -268,7 +386,7 @@ def fingerprint_dataset(raw_dir: str | Path, out_dir: str | Path, *, hash_name: 
         total = np.zeros((4, 256), dtype=np.int64)
         for start in range(0, kept_idx.size, 4096):
             total += np.asarray(hists[kept_idx[start:start + 4096]], dtype=np.int64).sum(axis=0)
-        del hists
+        del hists, done_hists
     input_size = None if arrays is None else arrays.input_size
     fingerprint = _summarise(raw, records, kept_idx, total, report, hash_name, hash_size, threshold, input_size)
     if arrays is not None:

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ from typing import Any, Callable
 
 from medplan.datasets import resolve_raw_dataset
 from medplan.errors import MedplanError
-from medplan.fingerprint import DUPLICATE_POLICY, duplicates_line, fingerprint_dataset
+from medplan.fingerprint import DUPLICATE_POLICY, ConvertScan, duplicates_line, fingerprint_dataset
 from medplan.io import atomic_write_json, read_json
 from medplan.locks import locked_dataset_stage
 from medplan.paths import preprocessed_dir
@@ -50,7 +51,8 @@ def raw_signature(raw_dir: Path) -> str:
 
 
 def _fingerprint(name: str, raw_dir: Path, out_dir: Path, options: dict[str, Any], input_size: list[int] | None,
-                 num_workers: int | None, refingerprint: bool, progress: bool, log: Log) -> dict:
+                 num_workers: int | None, refingerprint: bool, progress: bool, log: Log,
+                 fused: ConvertScan | None = None) -> dict:
     signature = raw_signature(raw_dir)
     path = out_dir / "fingerprint.json"
     if path.is_file() and not refingerprint:
@@ -63,7 +65,9 @@ def _fingerprint(name: str, raw_dir: Path, out_dir: Path, options: dict[str, Any
     log(f"fingerprint: scanning {raw_dir}")
     kwargs = {k: v for k, v in options.items() if v is not None}
     arrays = CaseArrays.at(out_dir, input_size) if input_size else None
-    fp = fingerprint_dataset(raw_dir, out_dir, arrays=arrays, num_workers=num_workers, progress=progress, **kwargs)
+    # fingerprint_dataset uses the convert's records only for the dataset it wrote, same options
+    fp = fingerprint_dataset(raw_dir, out_dir, arrays=arrays, num_workers=num_workers, progress=progress,
+                             precomputed=fused, **kwargs)
     fp["raw_signature"] = signature
     fp["fingerprint_options"] = options
     atomic_write_json(path, fp)
@@ -121,16 +125,25 @@ def plan(name: str, *, overrides: dict[str, Any] | None = None, planner: str = "
     """Fingerprint, plan and split dataset ``name``; write fingerprint/plans/splits; return the plan."""
     check_name(name, "dataset name")
     check_overrides(overrides)  # a bad --set fails now, not after the fingerprint pass
-    raw_dir = resolve_raw_dataset(name, progress=progress)
     out_dir = preprocessed_dir(name)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    planner_fn = get_planner(planner)
     options = {"hash_name": hash_name, "hash_size": hash_size, "threshold": threshold}
     # The arrays only depend on the input size, so the fingerprint pass writes them for the
     # size the plan will most likely use, and preprocessing later has nothing left to do.
     size = (overrides or {}).get("input_size", [512, 512])
     size = [size, size] if isinstance(size, int) else size
-    fp = _fingerprint(name, raw_dir, out_dir, options, size, num_workers, refingerprint, progress, log)
+    # An official download imported now is fingerprinted while it is converted: the converter
+    # hands the pixels it decodes to the fingerprint records (fingerprint_dataset scans the rest).
+    with contextlib.closing(ConvertScan(out_dir, arrays=CaseArrays.at(out_dir, size) if size else None,
+                                        **{k: v for k, v in options.items() if v is not None})) as fused:
+        try:
+            raw_dir = resolve_raw_dataset(name, progress=progress, scan=fused)
+        except BaseException:
+            if fused.arrays is not None:  # arrays of convert workers stopped mid-write
+                fused.arrays.discard_partial()
+            raise
+        out_dir.mkdir(parents=True, exist_ok=True)
+        planner_fn = get_planner(planner)
+        fp = _fingerprint(name, raw_dir, out_dir, options, size, num_workers, refingerprint, progress, log, fused)
     dataset_path = raw_dir / "dataset.json"
     dataset_json = read_json(dataset_path)
     if not isinstance(dataset_json, dict):

@@ -7,9 +7,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from medplan.datasets.writer import AUTO_IMPORT_FOLDER, convert_dataset, detect_format
+from medplan.datasets.writer import AUTO_IMPORT_FOLDER, PixelRecords, convert_dataset, detect_format
 from medplan.errors import MedplanError
-from medplan.io import IMAGE_SUFFIXES, case_stem, image_suffix, read_cases_csv, read_json
+from medplan.io import images_by_case, read_cases_csv, read_json
 from medplan.names import check_name
 from medplan.paths import raw_root as default_raw_root
 
@@ -27,18 +27,6 @@ class RawIndex:
     channels: int | None
     image_paths: dict[str, Path] = field(default_factory=dict)
     label_paths: dict[str, Path] = field(default_factory=dict)
-
-
-def _list_images(folder: Path) -> dict[str, Path]:
-    found: dict[str, Path] = {}
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file() or image_suffix(path) not in IMAGE_SUFFIXES:
-            continue
-        stem = case_stem(path)
-        if stem in found:
-            raise MedplanError(f"two files for case {stem!r} ({found[stem].name}, {path.name})", path)
-        found[stem] = path
-    return found
 
 
 def load_raw_index(raw_dir: str | Path) -> RawIndex:
@@ -81,7 +69,7 @@ def load_raw_index(raw_dir: str | Path) -> RawIndex:
         folder = raw_dir / sub
         if not folder.is_dir():
             raise MedplanError("folder not found", folder)
-        found = _list_images(folder)
+        found = images_by_case(folder, sub[:-1])
         for case_id in case_ids:
             if case_id not in found:
                 raise MedplanError(f"{sub[:-1]} missing for case {case_id!r} listed in cases.csv", folder / f"{case_id}.png")
@@ -99,14 +87,15 @@ def _datasets_in(root: Path) -> list[str]:
 
 
 def resolve_raw_dataset(name: str, *, recorded: str | Path | None = None, progress: bool = True,
-                        quiet: bool = False) -> Path:
+                        quiet: bool = False, scan: PixelRecords | None = None) -> Path:
     """The folder holding ``dataset.json`` for dataset ``name``, importing a download if needed:
     medplan's one raw-folder resolver.
 
     ``recorded`` (a plan's ``raw_dir``: the folder the plan was made from) wins while it still
     holds ``dataset.json``. Else ``$MEDPLAN_RAW/NAME`` may hold the medplan raw format, an
     earlier auto-import in ``NAME/medplan/``, or an official download layout, which is then
-    imported (once) into ``NAME/medplan/`` without touching the download.
+    imported (once) into ``NAME/medplan/`` without touching the download; ``scan`` then gets the
+    fingerprint records of the images that import decodes (see :func:`convert_dataset`).
     """
     check_name(name, "dataset name")
     if recorded and (Path(recorded) / "dataset.json").is_file():
@@ -121,7 +110,7 @@ def resolve_raw_dataset(name: str, *, recorded: str | Path | None = None, progre
         if not quiet:
             print(f"medplan: {folder} holds a {fmt} download; importing it into {folder / AUTO_IMPORT_FOLDER} "
                   f"(the download is left as it is)", flush=True)
-        return convert_dataset(fmt, folder, name, raw_root=root, progress=progress)
+        return convert_dataset(fmt, folder, name, raw_root=root, progress=progress, scan=scan)
     there = _datasets_in(root)
     listing = f"datasets there: {', '.join(there)}" if there else "it holds no datasets"
     raise MedplanError(f"dataset {name!r} not found in $MEDPLAN_RAW ({root}); {listing}; "

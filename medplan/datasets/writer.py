@@ -21,7 +21,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Protocol
 
 import numpy as np
 from PIL import Image
@@ -43,6 +43,21 @@ FIXED_COLUMNS = ["case_id", "group", "source_image", "source_label"]
 AUTO_IMPORT_FOLDER = "medplan"
 # below this many cases starting worker processes costs more than it saves
 POOL_MIN_CASES = 64
+
+
+class PixelRecords(Protocol):
+    """Records computed from the pixels the converter decodes anyway (issue 13), handed in by
+    the pipeline (:class:`medplan.fingerprint.ConvertScan`), so this module knows no fingerprint."""
+
+    #: picklable; in the worker: ``scanner(case_id, uint8 image, its PNG bytes, label map or its
+    #: written file, n_classes)``
+    scanner: Callable[[str, np.ndarray, bytes, np.ndarray | Path, int], dict | None]
+
+    def add(self, case_id: str, record: dict) -> None: ...
+
+    def drop(self, case_id: str) -> None: ...
+
+    def done(self, raw_dir: Path) -> None: ...
 
 
 # ----------------------------------------------------------------------------- intensity window
@@ -150,8 +165,9 @@ def _relative(path: Path, root: Path) -> str:
         return str(path)
 
 
-def _write_image(case: Case, target: Path, window: dict[str, Any] | None) -> tuple[int, ...]:
-    """Write the raw image of one case; returns its shape, (H, W) or (H, W, 3).
+def _write_image(case: Case, target: Path, window: dict[str, Any] | None) -> tuple[tuple[int, ...], Any, bytes]:
+    """Write the raw image of one case; returns its shape, (H, W) or (H, W, 3), and the uint8
+    image with the PNG bytes written where it was encoded here (else ``None, b""``).
 
     An 8-bit gray or RGB PNG is copied byte for byte from its header alone (the one decode of
     the fingerprint pass checks its pixels); any other image is decoded, mapped to 8 bits and
@@ -160,17 +176,18 @@ def _write_image(case: Case, target: Path, window: dict[str, Any] | None) -> tup
     if shape is not None:
         with os_errors(target, "write"):
             shutil.copyfile(case.image, target)  # the kernel copies; no pixels pass through here
-        return shape
+        return shape, None, b""
     source, data = read_image_keeping_png(case.image)
     image = _image_uint8(source, case.image, window)
     if image.shape[0] < 1 or image.shape[1] < 1:
         raise MedplanError("empty image", case.image)
     # unchanged by the writer (uint8: no window, no channel dropped): copied, not re-encoded
-    if data is None or image.dtype != source.dtype or image.shape != source.shape:
+    encoded = data is None or image.dtype != source.dtype or image.shape != source.shape
+    if encoded:
         data = png_bytes(image)
     with os_errors(target, "write"):
         target.write_bytes(data)
-    return image.shape
+    return image.shape, (image if encoded else None), data
 
 
 def _size_error(label_shape: tuple[int, ...], shape: tuple[int, ...], case: Case, path: Path) -> MedplanError:
@@ -179,9 +196,9 @@ def _size_error(label_shape: tuple[int, ...], shape: tuple[int, ...], case: Case
 
 
 def _write_label(case: Case, target: Path, decoder: LabelDecoder, shape: tuple[int, ...],
-                 values_checked: bool) -> list[int] | None:
-    """Write the raw label map of one case; returns the classes present (``None`` when the
-    importer checked every value already and the file was copied without decoding it).
+                 values_checked: bool) -> tuple[list[int] | None, np.ndarray | None]:
+    """Write the raw label map of one case; returns the classes present and the map written
+    (``None, None`` when the importer checked every value and the file was copied undecoded).
 
     A label file that is already an 8-bit gray PNG of exactly the class indices is copied."""
     if values_checked and len(case.labels) == 1:
@@ -191,7 +208,7 @@ def _write_label(case: Case, target: Path, decoder: LabelDecoder, shape: tuple[i
                 raise _size_error(label_shape, shape, case, case.labels[0])
             with os_errors(target, "write"):
                 shutil.copyfile(case.labels[0], target)
-            return None
+            return None, None
     arrays, data = [], None
     for path in case.labels:
         array, data = read_label_keeping_png(path, decoder.palette_indices)
@@ -204,16 +221,21 @@ def _write_label(case: Case, target: Path, decoder: LabelDecoder, shape: tuple[i
     with os_errors(target, "write"):
         target.write_bytes(data)
     counts = value_counts(label)
-    return np.nonzero(counts)[0].tolist() if counts is not None else np.unique(label).tolist()
+    return (np.nonzero(counts)[0].tolist() if counts is not None else np.unique(label).tolist()), label
 
 
-def _convert_case(task: tuple[Case, LabelDecoder, str, str, dict[str, Any] | None, bool]) -> dict[str, Any]:
+def _convert_case(task: tuple) -> dict[str, Any]:
     """Check and write one case; errors come back as data so the pool stays simple (an OS error
-    keeps its number, reason, file and operation across the process boundary)."""
-    case, decoder, out, root, window, values_checked = task
+    keeps its number, reason, file and operation across the process boundary). With a
+    ``scanner``, the fingerprint record of an image encoded here comes back too, from its pixels."""
+    case, decoder, out, root, window, values_checked, scanner, n_classes = task
+    label_path = Path(out) / "labels" / f"{case.case_id}.png"
     try:
-        shape = _write_image(case, Path(out) / "images" / f"{case.case_id}.png", window)
-        classes = _write_label(case, Path(out) / "labels" / f"{case.case_id}.png", decoder, shape, values_checked)
+        shape, image, data = _write_image(case, Path(out) / "images" / f"{case.case_id}.png", window)
+        classes, label = _write_label(case, label_path, decoder, shape, values_checked)
+        record = None
+        if scanner is not None and image is not None:  # a label copied undecoded: the scanner reads it
+            record = scanner(case.case_id, image, data, label_path if label is None else label, n_classes)
     except MedplanError as exc:
         text = str(exc)
         if exc.path is not None and text.startswith(f"{exc.path}: "):
@@ -225,7 +247,7 @@ def _convert_case(task: tuple[Case, LabelDecoder, str, str, dict[str, Any] | Non
            "source_image": _relative(case.image, Path(root)),
            "source_label": ";".join(_relative(p, Path(root)) for p in case.labels)}
     row.update(case.metadata)
-    return {"row": row, "channels": 1 if len(shape) == 2 else 3, "classes": classes}
+    return {"row": row, "channels": 1 if len(shape) == 2 else 3, "classes": classes, "record": record}
 
 
 def _in_dest(exc: OSError, tmp: Path, dest: Path) -> OSError:
@@ -266,8 +288,9 @@ def orphan_note(orphans: list[str]) -> str | None:
 
 
 def write_raw(collected: Collected, dest: Path, name: str, source: Path, *, progress: bool = True,
-              workers: int | None = None) -> dict[str, Any]:
-    """Convert every collected case into ``dest`` (atomically); returns dataset.json."""
+              workers: int | None = None, scan: PixelRecords | None = None) -> dict[str, Any]:
+    """Convert every collected case into ``dest`` (atomically); returns dataset.json. ``scan``
+    gets the fingerprint records of the images decoded here, and ``dest`` once it is in place."""
     cases = collected.cases
     check_name(name, "dataset name")
     ids: dict[str, Case] = {}
@@ -289,20 +312,25 @@ def write_raw(collected: Collected, dest: Path, name: str, source: Path, *, prog
                      f"window {window['low']:g}..{window['high']:g} for the whole dataset ({window['source']})")
     with atomic_directory(dest) as tmp:
         try:
-            dataset = _fill(tmp, collected, cases, name, source, notes, orphans, window, workers, progress)
+            dataset = _fill(tmp, collected, cases, name, source, notes, orphans, window, workers, progress, scan)
         except OSError as exc:
             raise _in_dest(exc, tmp, dest) from None
+    if scan is not None:
+        scan.done(dest)
     return dataset
 
 
 def _fill(tmp: Path, collected: Collected, cases: list[Case], name: str, source: Path, notes: list[str],
-          orphans: list[str], window: dict[str, Any] | None, workers: int, progress: bool) -> dict[str, Any]:
+          orphans: list[str], window: dict[str, Any] | None, workers: int, progress: bool,
+          scan: PixelRecords | None) -> dict[str, Any]:
     """Write every case, cases.csv and dataset.json into the temporary folder ``tmp``."""
     (tmp / "images").mkdir()
     (tmp / "labels").mkdir()
     values_checked = collected.label_values is not None and isinstance(collected.decoder, IndexLabels) and all(
         0 <= v < collected.decoder.num_classes for v in collected.label_values)
-    tasks = [(case, collected.decoder, str(tmp), str(collected.root), window, values_checked) for case in cases]
+    scanner = None if scan is None else scan.scanner
+    tasks = [(case, collected.decoder, str(tmp), str(collected.root), window, values_checked, scanner,
+              len(collected.labels)) for case in cases]
     rows, channels, present = [], [], set()
     results = _run(tasks, workers)
     bar = progress_bar(results, total=len(tasks), desc=f"convert {name}", enabled=progress, unit="case")
@@ -315,6 +343,8 @@ def _fill(tmp: Path, collected: Collected, cases: list[Case], name: str, source:
             rows.append(result["row"])
             channels.append(result["channels"])
             present.update(result["classes"] if result["classes"] is not None else collected.label_values)
+            if result["record"] is not None:
+                scan.add(result["row"]["case_id"], result["record"])
     finally:
         if hasattr(bar, "close"):
             bar.close()
@@ -328,6 +358,8 @@ def _fill(tmp: Path, collected: Collected, cases: list[Case], name: str, source:
                 gray = read_image(path)
                 with os_errors(path, "write"):
                     path.write_bytes(png_bytes(np.repeat(gray[..., None], 3, axis=2)))
+                if scan is not None:
+                    scan.drop(row["case_id"])  # its record was of the gray file
         notes.append(f"{channels.count(1)} gray image(s) stored as RGB (R = G = B) to match the others")
     missing = [n for n, i in collected.labels.items() if i not in present and i != 0]
     if missing:
@@ -402,13 +434,14 @@ def _resolve_format(fmt: str, source: Path) -> str:
 
 def convert_dataset(fmt: str, source: str | Path, name: str | None = None, *, raw_root: Path | None = None,
                     progress: bool = True, force: bool = False, workers: int | None = None,
-                    **options: Any) -> Path:
+                    scan: PixelRecords | None = None, **options: Any) -> Path:
     """Import an official download layout into ``$MEDPLAN_RAW/NAME``; returns that folder.
 
     The download is only read. When it lies inside ``$MEDPLAN_RAW/NAME`` itself, the
     dataset is written to ``$MEDPLAN_RAW/NAME/medplan/`` beside it. An existing dataset is
     replaced only with ``force=True``, and only once the new import has fully succeeded.
     Format options: ``value_map``, ``images``, ``masks``, ``label_names``, ``modality`` (folder).
+    ``scan``: see :func:`write_raw` (the pipeline's auto-import fingerprints while converting).
     """
     source = Path(source).expanduser()
     if not source.is_dir():
@@ -436,7 +469,7 @@ def convert_dataset(fmt: str, source: str | Path, name: str | None = None, *, ra
             elif dest.is_dir() and any(dest.iterdir()):
                 raise MedplanError("exists and is not a medplan raw dataset (no dataset.json); not replacing it", dest)
         collected = importer.collect(source, **options)
-        write_raw(collected, dest, name, source, progress=progress, workers=workers)
+        write_raw(collected, dest, name, source, progress=progress, workers=workers, scan=scan)
     return dest
 
 
