@@ -32,6 +32,14 @@ BAD_NAME = {
     "medplan_export": ["nnunet", "-d", "../x", "--id", "5"],
 }
 
+#: a well-formed but unknown architecture name (a typo), for the scripts that train one
+UNKNOWN_ARCH = {
+    "medplan_train": ["TOY", "unet_smal", "0"],
+    "medplan_tune": ["TOY", "unet_smal"],
+    "medplan_demo": ["--arch", "unet_smal"],
+    "medplan_benchmark": ["-d", "TOY", "-a", "unet", "unet_smal"],
+}
+
 #: a bad number that only the script's own checks catch (argparse accepts it)
 BAD_NUMBER = {
     "medplan_train": ["TOY", "unet", "0", "--batch-size", "0"],
@@ -106,6 +114,15 @@ def test_bad_names_are_refused_before_anything_heavy(prog, tmp_path):
     lines = [line for line in out.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: error:"), out
     assert heavy == [], f"{prog} {' '.join(BAD_NAME[prog])} imported {heavy}"
+
+
+@pytest.mark.parametrize("prog", sorted(UNKNOWN_ARCH))
+def test_unknown_architectures_are_refused_before_anything_heavy(prog, tmp_path):
+    code, out, heavy = run_script(prog, UNKNOWN_ARCH[prog], tmp_path)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1, out
+    assert lines[0].startswith(f"{prog}: error: unknown architecture 'unet_smal' (did you mean unet_small"), out
+    assert heavy == [], f"{prog} {' '.join(UNKNOWN_ARCH[prog])} imported {heavy}"
 
 
 @pytest.mark.parametrize("prog", sorted(BAD_NUMBER))

@@ -37,7 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("errors", ("medplan.errors",)),
     ("names", ("medplan.names",)),
     ("io", ("medplan.io", "medplan.registry", "medplan.progress", "medplan.parallel", "medplan.safeload",
-            "medplan.metrics")),
+            "medplan.metrics", "medplan.catalog")),
     ("paths", ("medplan.paths",)),
     ("locks", ("medplan.locks",)),
     ("rundir", ("medplan.rundir",)),

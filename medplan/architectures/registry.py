@@ -42,9 +42,10 @@ from torch import nn
 from medplan.architectures.card import ModelCard, Weights, apply_input_contract, parameter_groups
 from medplan.architectures.pretrained import load_card_weights, resolve_card_weights
 from medplan.errors import MedplanError
+from medplan.catalog import ARCHITECTURE_PLUGINS
 from medplan.registry import BUILTIN, Registry
 
-ENTRY_POINT_GROUP = "medplan.architectures"
+ENTRY_POINT_GROUP = ARCHITECTURE_PLUGINS
 BUILTIN_SOURCE = BUILTIN
 _PACKAGE = "medplan.architectures"
 _NOT_MODEL_MODULES = {"registry", "card", "pretrained", "measure"}

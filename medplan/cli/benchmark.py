@@ -20,6 +20,7 @@ import argparse
 import sys
 from typing import TYPE_CHECKING
 
+from medplan.catalog import check_architectures
 from medplan.cli import entry_point
 from medplan.cli.train import parse_model_options
 from medplan.errors import MedplanError
@@ -86,7 +87,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     if bool(args.datasets) != bool(args.archs):
         raise MedplanError("give both --datasets and --archs for a new study, or neither to use the saved one")
     check_names(args.datasets or [], "dataset name")
-    check_names(args.archs or [], "architecture name")
+    check_architectures(args.archs or [])  # an unknown name answered before torch is imported
     for flag in ("epochs_lr_search", "epochs", "measure_steps", "batch_size"):
         value = getattr(args, flag)
         if value is not None and value < 1:
@@ -96,7 +97,7 @@ def check_arguments(args: argparse.Namespace) -> None:
     for item in args.model_opt or []:
         head, sep, rest = item.partition(":")
         if sep and "=" not in head:
-            check_names([head], "architecture name")
+            check_architectures([head])
             parse_model_options([rest])
         else:
             parse_model_options([item])

@@ -4,9 +4,9 @@ from __future__ import annotations
 import argparse
 import sys
 
+from medplan.catalog import check_architectures
 from medplan.cli import entry_point
 from medplan.errors import MedplanError
-from medplan.names import check_name
 
 TARGET_MDSC = 0.80
 
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    check_name(args.arch, "architecture name")
+    check_architectures([args.arch])  # an unknown name answered before torch is imported
     for flag in ("patients", "epochs", "input_size"):
         if getattr(args, flag) < 1:
             raise MedplanError(f"--{flag.replace('_', '-')} must be >= 1, got {getattr(args, flag)}")

@@ -19,6 +19,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from medplan.catalog import check_architectures
 from medplan.cli import entry_point
 from medplan.errors import MedplanError
 from medplan.names import check_fold, check_name
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     check_name(args.dataset, "dataset name")
-    check_name(args.arch, "architecture name")
+    check_architectures([args.arch])  # an unknown name answered before torch is imported
     check_fold(args.fold)
     check_run_arguments(args)
     overrides = {**run_overrides(args), "lr": args.lr, "epochs": args.epochs, "stage": args.stage}

@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 
+from medplan.catalog import check_architectures
 from medplan.cli import entry_point
 from medplan.cli.train import (add_run_arguments, check_budget, check_run_arguments, launch, parse_model_options,
                                run_overrides, weight_options)
@@ -32,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     check_name(args.dataset, "dataset name")
-    check_name(args.arch, "architecture name")
+    check_architectures([args.arch])  # an unknown name answered before torch is imported
     check_run_arguments(args)
     if args.fold < 0:
         raise MedplanError(f"--fold must be >= 0, got {args.fold}")
