@@ -125,6 +125,14 @@ def test_unknown_architectures_are_refused_before_anything_heavy(prog, tmp_path)
     assert heavy == [], f"{prog} {' '.join(UNKNOWN_ARCH[prog])} imported {heavy}"
 
 
+@pytest.mark.parametrize("prog", ["medplan_train", "medplan_tune"])
+def test_a_dataset_never_planned_is_answered_before_anything_heavy(prog, tmp_path):
+    code, out, heavy = run_script(prog, ["TOY", "unet", *(["0"] if prog == "medplan_train" else [])], tmp_path)
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and "no plan for dataset 'TOY'; run medplan_plan -d TOY" in lines[0], out
+    assert heavy == [], f"{prog} imported {heavy}"
+
+
 @pytest.mark.parametrize("prog", sorted(BAD_NUMBER))
 def test_bad_numbers_are_refused_before_anything_heavy(prog, tmp_path):
     code, out, heavy = run_script(prog, BAD_NUMBER[prog], tmp_path)

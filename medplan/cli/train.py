@@ -89,6 +89,14 @@ def check_run_arguments(args: argparse.Namespace) -> None:
         raise MedplanError(f"--lr must be a positive number, got {lr:g}")
 
 
+def check_plan(dataset: str) -> None:
+    """A dataset never planned (or a broken plans.json) answered before torch is imported; the
+    trainer reads the plan again when it starts."""
+    from medplan.stagefiles import load_plan  # numpy and JSON, not torch: after the arguments are checked
+
+    load_plan(dataset)
+
+
 def weight_options(args: argparse.Namespace, arch: str, model_options: dict) -> dict:
     """The run's ``pretrained``/``allow_partial`` model options from ``--pretrained PATH``,
     ``--no-pretrained`` and ``--allow-partial``."""
@@ -201,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
     check_architectures([args.arch])  # an unknown name answered before torch is imported
     check_fold(args.fold)
     check_run_arguments(args)
+    check_plan(args.dataset)
     overrides = {**run_overrides(args), "lr": args.lr, "epochs": args.epochs, "stage": args.stage}
     model_options = weight_options(args, args.arch, parse_model_options(args.model_opt))
 

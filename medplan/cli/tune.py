@@ -11,8 +11,8 @@ import sys
 
 from medplan.catalog import check_architectures
 from medplan.cli import entry_point
-from medplan.cli.train import (add_run_arguments, check_budget, check_run_arguments, launch, parse_model_options,
-                               run_overrides, weight_options)
+from medplan.cli.train import (add_run_arguments, check_budget, check_plan, check_run_arguments, launch,
+                               parse_model_options, run_overrides, weight_options)
 from medplan.errors import MedplanError
 from medplan.names import check_name
 
@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         raise MedplanError(f"--fold must be >= 0, got {args.fold}")
     if args.lrs and any(not lr > 0 for lr in args.lrs):
         raise MedplanError(f"learning rates must be positive, got {args.lrs}")
+    check_plan(args.dataset)
     overrides = {k: v for k, v in run_overrides(args).items() if k != "force"}
     model_options = weight_options(args, args.arch, parse_model_options(args.model_opt))
 
