@@ -281,7 +281,7 @@ PROFILED = [
     ("convert", "label: PNG header check + byte copy (or decode + encode)", ("datasets/writer.py", "_write_label")),
     ("plan", "read image file + decode it (the one decode)", ("medplan/io.py", "decode_image")),
     ("plan", "decode label", ("medplan/io.py", "read_label")),
-    ("plan", "histograms, colour share, corners", ("medplan/fingerprint.py", "_intensity_evidence")),
+    ("plan", "histograms, colour share, corners", ("medplan/casescan.py", "_intensity_evidence")),
     ("plan", "perceptual hash (imagehash phash)", ("medplan/duplicates.py", "perceptual_hash")),
     ("plan", "file digest (SHA-256)", ("medplan/duplicates.py", "bytes_digest")),
     ("plan", "resize image to the input size", ("medplan/preprocessing.py", "prepare_image")),

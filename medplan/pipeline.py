@@ -14,7 +14,8 @@ from typing import Any, Callable
 
 from medplan.datasets import resolve_raw_dataset
 from medplan.errors import MedplanError
-from medplan.fingerprint import DUPLICATE_POLICY, ConvertScan, duplicates_line, fingerprint_dataset
+from medplan.casescan import ConvertScan
+from medplan.fingerprint import DUPLICATE_POLICY, duplicates_line, fingerprint_dataset
 from medplan.io import atomic_write_json, read_json
 from medplan.locks import locked_dataset_stage
 from medplan.paths import preprocessed_dir

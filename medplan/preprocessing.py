@@ -234,7 +234,7 @@ def clean_data_dir(ddir: str | Path, keep_case_ids: Iterable[str]) -> int:
 class CaseArrays:
     """The arrays of one input size, as a writer the fingerprint pass is handed (by the pipeline),
     so that it writes them from its one decode of each image
-    (:class:`medplan.fingerprint.ArrayWriter`); picklable, for the worker processes."""
+    (:class:`medplan.casescan.ArrayWriter`); picklable, for the worker processes."""
 
     data_dir: Path
     input_size: tuple[int, int]

@@ -11,10 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from medplan import fingerprint, pipeline
+from medplan import casescan, pipeline
 from medplan.datasets import convert_dataset, load_raw_index, synthetic, writer
 from medplan.errors import MedplanError
-from medplan.fingerprint import ConvertScan
+from medplan.casescan import ConvertScan
 from medplan.preprocessing import CaseArrays
 
 SIZE = [24, 32]
@@ -59,13 +59,13 @@ DOWNLOADS = {"isic2018": (_isic, 0), "camus": (_camus, 0), "folder": (_mixed, 2)
 def _count_scans(monkeypatch) -> list[str]:
     """Case ids the fingerprint pass decodes (in-process: num_workers=1)."""
     seen: list[str] = []
-    scan = fingerprint._scan
+    scan = casescan.scan_file
 
     def counting(case_id, *args):
         seen.append(case_id)
         return scan(case_id, *args)
 
-    monkeypatch.setattr(fingerprint, "_scan", counting)
+    monkeypatch.setattr(casescan, "scan_file", counting)
     return seen
 
 
@@ -132,7 +132,7 @@ def test_a_fused_import_decodes_each_image_once(tmp_path, monkeypatch):
         return wrapper
 
     monkeypatch.setattr(writer, "read_image_keeping_png", counted("convert", writer.read_image_keeping_png))
-    monkeypatch.setattr(fingerprint, "decode_image", counted("fingerprint", fingerprint.decode_image))
+    monkeypatch.setattr(casescan, "decode_image", counted("fingerprint", casescan.decode_image))
     pipeline.plan("DS", overrides={"input_size": SIZE}, num_workers=1, progress=False)
     fp = json.loads((tmp_path / "preprocessed" / "DS" / "fingerprint.json").read_text())
     assert fp["num_cases"] == 8 and fp["num_kept"] == 8
@@ -147,12 +147,12 @@ def test_records_equal_the_fingerprint_pass_and_serve_only_their_dataset(tmp_pat
     try:
         dest = convert_dataset("camus", _camus(tmp_path / "dl"), "C", progress=False, scan=scan)
         raw = load_raw_index(dest)
-        opt = {"channels": raw.channels, "n_classes": len(raw.labels), "hash_name": fingerprint.DEFAULT_HASH,
-               "hash_size": fingerprint.DEFAULT_HASH_SIZE, "arrays": None}
+        opt = {"channels": raw.channels, "n_classes": len(raw.labels), "hash_name": casescan.DEFAULT_HASH,
+               "hash_size": casescan.DEFAULT_HASH_SIZE, "arrays": None}
         records, hists = scan.records_for(raw, {**opt, "arrays": arrays})
         assert sorted(records) == sorted(raw.case_ids)
         for case_id, (row, record) in records.items():
-            expected = fingerprint._scan(case_id, raw.image_paths[case_id], raw.label_paths[case_id], opt)
+            expected = casescan.scan_file(case_id, raw.image_paths[case_id], raw.label_paths[case_id], opt)
             assert np.array_equal(hists[row], expected.pop("hist"))
             got = dict(record, array_channels=None)
             assert got.keys() == expected.keys()

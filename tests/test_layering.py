@@ -44,7 +44,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     # importers, the raw format, RawIndex and the one raw-folder resolver
     ("datasets", ("medplan.datasets",)),
     # the single decoding pass (arrays through a writer handed in) and the duplicate rules
-    ("fingerprint", ("medplan.fingerprint", "medplan.duplicates")),
+    ("fingerprint", ("medplan.casescan", "medplan.fingerprint", "medplan.duplicates")),
     # fingerprint -> plan; folds; reading plans.json / splits.json back
     ("plan", ("medplan.planners", "medplan.plan", "medplan.splits", "medplan.stagefiles")),
     ("preprocessing", ("medplan.preprocessing",)),

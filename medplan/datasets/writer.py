@@ -47,7 +47,7 @@ POOL_MIN_CASES = 64
 
 class PixelRecords(Protocol):
     """Records computed from the pixels the converter decodes anyway (issue 13), handed in by
-    the pipeline (:class:`medplan.fingerprint.ConvertScan`), so this module knows no fingerprint."""
+    the pipeline (:class:`medplan.casescan.ConvertScan`), so this module knows no fingerprint."""
 
     #: picklable; in the worker: ``scanner(case_id, uint8 image, its PNG bytes, label map or its
     #: written file, n_classes)``
