@@ -30,8 +30,9 @@ from medplan.io import atomic_write_json, read_json
 from medplan.report import build_report
 from medplan.report.synthetic import make_results_tree
 
-ARCHS = ("unet", "nnunet", "segformer", "segnext", "internimage", "transnext", "vwformer", "hiformer", "missformer",
-         "ukan", "swin_umamba", "syncsam", "llm4seg", "dcnv3")
+#: registered names, so the screenshot reads like a real study (the numbers are synthetic)
+ARCHS = ("unet", "nnunet_2d", "segformer_b3", "segnext_l", "internimage_t", "transnext_t", "vwformer_mit_b3",
+         "hiformer_b", "missformer", "ukan_l", "swin_umamba", "syncsam", "llm4seg", "nnunetv2")
 DATASETS = (("CAMUS", ("LV", "LV wall", "LA")), ("ISIC2018", ("lesion",)), ("NeoPolyp", ("neoplastic", "non-neoplastic")))
 
 
