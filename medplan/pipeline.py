@@ -51,7 +51,7 @@ def raw_signature(raw_dir: Path) -> str:
     return h.hexdigest()
 
 
-def _fingerprint(name: str, raw_dir: Path, out_dir: Path, options: dict[str, Any], input_size: list[int] | None,
+def _fingerprint(name: str, raw_dir: Path, out_dir: Path, options: dict[str, Any], arrays: CaseArrays | None,
                  num_workers: int | None, refingerprint: bool, progress: bool, log: Log,
                  fused: ConvertScan | None = None) -> dict:
     signature = raw_signature(raw_dir)
@@ -65,7 +65,6 @@ def _fingerprint(name: str, raw_dir: Path, out_dir: Path, options: dict[str, Any
             return old
     log(f"fingerprint: scanning {raw_dir}")
     kwargs = {k: v for k, v in options.items() if v is not None}
-    arrays = CaseArrays.at(out_dir, input_size) if input_size else None
     # fingerprint_dataset uses the convert's records only for the dataset it wrote, same options
     fp = fingerprint_dataset(raw_dir, out_dir, arrays=arrays, num_workers=num_workers, progress=progress,
                              precomputed=fused, **kwargs)
@@ -134,17 +133,18 @@ def plan(name: str, *, overrides: dict[str, Any] | None = None, planner: str = "
     size = [size, size] if isinstance(size, int) else size
     # An official download imported now is fingerprinted while it is converted: the converter
     # hands the pixels it decodes to the fingerprint records (fingerprint_dataset scans the rest).
-    with contextlib.closing(ConvertScan(out_dir, arrays=CaseArrays.at(out_dir, size) if size else None,
+    arrays = CaseArrays.at(out_dir, size) if size else None
+    with contextlib.closing(ConvertScan(out_dir, arrays=arrays,
                                         **{k: v for k, v in options.items() if v is not None})) as fused:
         try:
             raw_dir = resolve_raw_dataset(name, progress=progress, scan=fused)
         except BaseException:
-            if fused.arrays is not None:  # arrays of convert workers stopped mid-write
-                fused.arrays.discard_partial()
+            if arrays is not None:  # arrays of convert workers stopped mid-write
+                arrays.discard_partial()
             raise
         out_dir.mkdir(parents=True, exist_ok=True)
         planner_fn = get_planner(planner)
-        fp = _fingerprint(name, raw_dir, out_dir, options, size, num_workers, refingerprint, progress, log, fused)
+        fp = _fingerprint(name, raw_dir, out_dir, options, arrays, num_workers, refingerprint, progress, log, fused)
     dataset_path = raw_dir / "dataset.json"
     dataset_json = read_json(dataset_path)
     if not isinstance(dataset_json, dict):
